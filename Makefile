@@ -1,0 +1,47 @@
+# Every target bootstraps what it needs, so each works on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CERTS  := certs
+PORT   ?= 7777
+
+.PHONY: install pki test test-all run-server demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+$(CERTS)/MSG_SERVER.p12: | $(STAMP)
+	$(BIN)/msg-pki demo --out $(CERTS)
+
+# Creates the demo PKI once; `make pki FORCE=1` replaces it.
+pki: $(STAMP)
+ifdef FORCE
+	$(BIN)/msg-pki demo --out $(CERTS) --force
+else
+	@if [ -e $(CERTS)/MSG_SERVER.p12 ]; then echo "$(CERTS)/ exists (make pki FORCE=1 to replace it)"; \
+	else $(BIN)/msg-pki demo --out $(CERTS); fi
+endif
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest
+
+run-server: $(STAMP) $(CERTS)/MSG_SERVER.p12
+	$(BIN)/msg-server --p12 $(CERTS)/MSG_SERVER.p12 --crl $(CERTS)/ca/crl.pem --users-dir $(CERTS) --port $(PORT)
+
+demo: run-server
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis build
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,205 @@
+"""The organisation's certificate authority on disk: a root, an issuing intermediate, an index, CRLs.
+
+Layout of a CA directory::
+
+    root.crt  root.key            self-signed root (UID MSG_CA), signs the intermediate and its CRL
+    intermediate.crt  .key        pathlen:0 issuing CA, signs every leaf and the leaf CRL
+    crl.pem                       the intermediate's CRL followed by the root's
+    index.json                    every issued leaf: serial, UID, role, expiry, revocation
+
+Keys are written 0600, encrypted (PBES2/AES-256) when a password is given.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from .errors import PkiError
+from .files import certs_to_pem, load_certificate_file, read_bytes, write_atomic
+from .identity import DEFAULT_ORG_UNIT, RESERVED_UIDS, MSG_SERVER, is_valid_uid
+from .keys import DEFAULT_KEY_TYPE, PrivateKey, certificate_hash, generate_key
+from .keystore import Keystore
+from .passwords import NO_PASSWORD, PasswordSource
+from .profile import LeafRequest, Subject, make_intermediate, make_leaf, make_root
+
+CRL_DAYS = 30
+REVOCATION_REASONS = {
+    "unspecified": x509.ReasonFlags.unspecified,
+    "key_compromise": x509.ReasonFlags.key_compromise,
+    "ca_compromise": x509.ReasonFlags.ca_compromise,
+    "affiliation_changed": x509.ReasonFlags.affiliation_changed,
+    "superseded": x509.ReasonFlags.superseded,
+    "cessation_of_operation": x509.ReasonFlags.cessation_of_operation,
+    "certificate_hold": x509.ReasonFlags.certificate_hold,
+}
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _key_bytes(key: PrivateKey, password: bytes | None) -> bytes:
+    enc: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption())
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
+
+
+def _load_key(path: Path, passwords: PasswordSource) -> PrivateKey:
+    data = read_bytes(path)
+    password = passwords.obtain(str(path)) if b"ENCRYPTED" in data else None
+    try:
+        return serialization.load_pem_private_key(data, password)  # type: ignore[return-value]
+    except (ValueError, TypeError):
+        raise PkiError(f"{path}: wrong password or unreadable CA key") from None
+
+
+@dataclass
+class CertificateAuthority:
+    """A loaded CA directory; every change is written back atomically."""
+
+    directory: Path
+    root: x509.Certificate
+    root_key: PrivateKey
+    intermediate: x509.Certificate
+    intermediate_key: PrivateKey
+    org_unit: str
+    index: list[dict[str, Any]]
+
+    # ----- creation and loading -------------------------------------------------------------
+    @classmethod
+    def init(cls, directory: str | os.PathLike[str], *, key_type: str = DEFAULT_KEY_TYPE,
+             org_unit: str = DEFAULT_ORG_UNIT, days: int = 3650,
+             passwords: PasswordSource = NO_PASSWORD) -> "CertificateAuthority":
+        d = Path(directory)
+        if (d / "root.crt").exists():
+            raise PkiError(f"{d}: a CA already exists there")
+        if days <= 0:
+            raise PkiError("--days must be positive")
+        root_key = generate_key(key_type)
+        inter_key = generate_key(key_type)
+        root = make_root(root_key, org_unit=org_unit, days=days)
+        inter = make_intermediate(inter_key, root, root_key, org_unit=org_unit, days=max(1, days // 2))
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+        except OSError as exc:
+            raise PkiError(f"{d}: cannot create CA directory ({exc.strerror})") from None
+        password = passwords.given()
+        write_atomic(d / "root.key", _key_bytes(root_key, password), mode=0o600)
+        write_atomic(d / "intermediate.key", _key_bytes(inter_key, password), mode=0o600)
+        write_atomic(d / "root.crt", certs_to_pem([root]))
+        write_atomic(d / "intermediate.crt", certs_to_pem([inter]))
+        ca = cls(d, root, root_key, inter, inter_key, org_unit, [])
+        ca._save_index()
+        ca.write_crl()
+        return ca
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], passwords: PasswordSource = NO_PASSWORD) -> "CertificateAuthority":
+        d = Path(directory)
+        if not (d / "root.crt").is_file():
+            raise PkiError(f"{d}: not a CA directory (no root.crt; create one with 'msg-pki init')")
+        root = load_certificate_file(d / "root.crt")[0]
+        inter = load_certificate_file(d / "intermediate.crt")[0]
+        try:
+            meta = json.loads(read_bytes(d / "index.json"))
+            index = list(meta["issued"])
+            org_unit = str(meta.get("org_unit", DEFAULT_ORG_UNIT))
+        except (ValueError, KeyError, TypeError):
+            raise PkiError(f"{d / 'index.json'}: corrupt CA index") from None
+        return cls(d, root, _load_key(d / "root.key", passwords), inter,
+                   _load_key(d / "intermediate.key", passwords), org_unit, index)
+
+    def _save_index(self) -> None:
+        doc = {"org_unit": self.org_unit, "issued": self.index}
+        write_atomic(self.directory / "index.json", json.dumps(doc, indent=2).encode(), mode=0o600)
+
+    # ----- issuance ---------------------------------------------------------------------------
+    @property
+    def chain(self) -> list[x509.Certificate]:
+        """The chain a leaf carries: intermediate, then root."""
+        return [self.intermediate, self.root]
+
+    def active_entry(self, uid: str) -> dict[str, Any] | None:
+        now = _now().isoformat()
+        return next((e for e in self.index if e["uid"] == uid and not e.get("revoked")
+                     and e["not_after"] > now), None)
+
+    def issue(self, uid: str, *, cn: str | None = None, server: bool = False, dns_names: tuple[str, ...] = (),
+              ip_addresses: tuple[str, ...] = (), key_type: str = DEFAULT_KEY_TYPE, days: int = 365) -> Keystore:
+        """A new key and leaf certificate for ``uid``; refuses a UID that is issued and not revoked."""
+        if not is_valid_uid(uid):
+            raise PkiError(f"invalid UID {uid!r}: 1-64 characters of letters, digits, _ . @ -")
+        if server and uid != MSG_SERVER:
+            raise PkiError(f"a server certificate must have UID {MSG_SERVER}")
+        if not server and uid in RESERVED_UIDS:
+            raise PkiError(f"UID {uid} is reserved")
+        if days <= 0:
+            raise PkiError("--days must be positive")
+        if self.active_entry(uid):
+            raise PkiError(f"UID {uid} already has a valid certificate; revoke it first")
+        key = generate_key(key_type)
+        request = LeafRequest(Subject(uid, cn or uid, self.org_unit), server=server, dns_names=tuple(dns_names),
+                              ip_addresses=tuple(ip_addresses), days=days)
+        try:
+            cert = make_leaf(key.public_key(), request, self.intermediate, self.intermediate_key)
+        except ValueError as exc:
+            raise PkiError(f"cannot issue certificate: {exc}") from None
+        self.index.append({
+            "serial": format(cert.serial_number, "x"), "uid": uid, "role": "server" if server else "client",
+            "not_after": cert.not_valid_after_utc.isoformat(), "issued": _now().isoformat(),
+        })
+        self._save_index()
+        return Keystore(key=key, cert=cert, chain=self.chain)
+
+    # ----- revocation -------------------------------------------------------------------------
+    def revoke(self, *, uid: str | None = None, serial: str | None = None, reason: str = "unspecified") -> list[str]:
+        """Mark matching certificates revoked and publish a new CRL; returns the serials revoked."""
+        if reason not in REVOCATION_REASONS:
+            raise PkiError(f"unknown reason {reason!r} (choose from {', '.join(REVOCATION_REASONS)})")
+        want = serial.lower().removeprefix("0x").lstrip("0") if serial else None
+        hits = [e for e in self.index if not e.get("revoked")
+                and ((uid is not None and e["uid"] == uid) or (want is not None and e["serial"].lstrip("0") == want))]
+        if not hits:
+            what = f"UID {uid}" if uid else f"serial {serial}"
+            raise PkiError(f"no unrevoked certificate with {what} in this CA")
+        for e in hits:
+            e["revoked"] = {"date": _now().isoformat(), "reason": reason}
+        self._save_index()
+        self.write_crl()
+        return [e["serial"] for e in hits]
+
+    def build_crls(self, days: int = CRL_DAYS) -> list[x509.CertificateRevocationList]:
+        """Fresh CRLs: the intermediate's (leaf revocations) and the root's (none so far)."""
+        now = _now()
+        leaf_crl = x509.CertificateRevocationListBuilder().issuer_name(self.intermediate.subject)
+        leaf_crl = leaf_crl.last_update(now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(days=days))
+        for e in self.index:
+            if not e.get("revoked"):
+                continue
+            revoked = (
+                x509.RevokedCertificateBuilder()
+                .serial_number(int(e["serial"], 16))
+                .revocation_date(dt.datetime.fromisoformat(e["revoked"]["date"]))
+                .add_extension(x509.CRLReason(REVOCATION_REASONS[e["revoked"]["reason"]]), critical=False)
+                .build()
+            )
+            leaf_crl = leaf_crl.add_revoked_certificate(revoked)
+        root_crl = (x509.CertificateRevocationListBuilder().issuer_name(self.root.subject)
+                    .last_update(now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(days=days)))
+        return [leaf_crl.sign(self.intermediate_key, certificate_hash(self.intermediate_key)),
+                root_crl.sign(self.root_key, certificate_hash(self.root_key))]
+
+    def write_crl(self, out: str | os.PathLike[str] | None = None, days: int = CRL_DAYS) -> Path:
+        path = Path(out) if out else self.directory / "crl.pem"
+        pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.build_crls(days))
+        write_atomic(path, pem)
+        return path

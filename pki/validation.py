@@ -1,0 +1,201 @@
+"""Certificate validation as the relay does it, for TLS peers and for message senders alike.
+
+Path building, signatures, validity periods, CA constraints and CRLs are OpenSSL's (through
+pyOpenSSL's ``X509StoreContext``), so a certificate accepted here is one stdlib ``ssl`` accepts in
+the handshake. On top come the relay's profile checks, which no TLS library knows: a UID
+(PSEUDONYM) present, the organisation's OU, the key usage and extended key usage for the role, and
+a leaf that is not a CA. Nothing assumes our own profile: the original course certificates (flat
+root, no SAN/SKI/AKI, no EKU) pass when their dates are valid.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from OpenSSL import crypto
+
+from .errors import ValidationError
+from .identity import DEFAULT_ORG_UNIT, MSG_SERVER, RESERVED_UIDS, Identity, cn_of, org_units_of, uid_of
+from .keys import verify_signature
+
+Role = Literal["client", "server"]
+ROLES: tuple[Role, ...] = ("client", "server")
+
+# OpenSSL verify error codes (x509_vfy.h) grouped into the reasons we report.
+_REASONS: dict[int, tuple[str, str]] = {
+    9: ("not_yet_valid", "certificate is not yet valid"),
+    10: ("expired", "certificate has expired"),
+    23: ("revoked", "certificate is revoked"),
+    2: ("unknown_issuer", "unknown issuer: the certificate does not chain to the trusted CA"),
+    20: ("unknown_issuer", "unknown issuer: the certificate does not chain to the trusted CA"),
+    21: ("unknown_issuer", "unknown issuer: the certificate does not chain to the trusted CA"),
+    18: ("unknown_issuer", "unknown issuer: self-signed certificate not trusted"),
+    19: ("unknown_issuer", "unknown issuer: self-signed certificate in chain not trusted"),
+    7: ("bad_signature", "certificate signature does not verify (look-alike or tampered issuer?)"),
+    3: ("crl_missing", "no CRL available for the issuing CA"),
+    8: ("crl_invalid", "CRL signature does not verify"),
+    11: ("crl_invalid", "CRL is not yet valid"),
+    12: ("crl_expired", "CRL has expired: the CA must publish a fresh one (msg-pki crl)"),
+    24: ("ca_constraints", "an issuing certificate is not a valid CA"),
+    25: ("ca_constraints", "path length constraint exceeded"),
+    26: ("wrong_role", "certificate is not allowed for this purpose"),
+    34: ("ca_constraints", "unhandled critical extension"),
+}
+
+_ROLE_EKU = {"client": ExtendedKeyUsageOID.CLIENT_AUTH, "server": ExtendedKeyUsageOID.SERVER_AUTH}
+# RFC 5280 §5.3.1: these reasons mean nothing the key ever signed can be trusted, whatever the date.
+_ALWAYS_REVOKED = {x509.ReasonFlags.key_compromise, x509.ReasonFlags.ca_compromise}
+
+
+def _utc(t: dt.datetime) -> dt.datetime:
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def check_profile(cert: x509.Certificate, role: Role, org_unit: str | None = DEFAULT_ORG_UNIT) -> Identity:
+    """The relay's own rules for a leaf that already chains to the trust anchor.
+
+    Used on its own for TLS peers (stdlib ``ssl`` has done the chain) and by :func:`validate`.
+    """
+    uid = uid_of(cert)
+    if uid is None:
+        raise ValidationError("no_uid", "certificate has no usable UID (PSEUDONYM attribute)")
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        if bc.ca:
+            raise ValidationError("ca_leaf", f"certificate of {uid} is a CA certificate, not a user or server one")
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        if not ku.digital_signature:
+            raise ValidationError("wrong_role", f"certificate of {uid} does not allow digital signatures")
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        if _ROLE_EKU[role] not in eku and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku:
+            raise ValidationError("wrong_role", f"certificate of {uid} is not a {role} certificate (extended key usage)")
+    except x509.ExtensionNotFound:
+        pass  # no EKU means unrestricted (RFC 5280), as on the course certificates
+    # The UID decides the role as well: the course certificates carry no EKU at all.
+    if role == "server" and uid != MSG_SERVER:
+        raise ValidationError("wrong_role", f"server certificate has UID {uid}, expected {MSG_SERVER}")
+    if role == "client" and uid in RESERVED_UIDS:
+        raise ValidationError("wrong_role", f"UID {uid} is reserved and cannot act as a user")
+    if org_unit is not None and org_unit not in org_units_of(cert):
+        raise ValidationError("wrong_ou", f"certificate of {uid} is not from organisational unit {org_unit!r}")
+    return Identity(uid=uid, cn=cn_of(cert))
+
+
+def crl_covers_anchors(anchors: Iterable[x509.Certificate], crls: Iterable[x509.CertificateRevocationList]) -> bool:
+    """Whether every CA can be checked (CRL_CHECK_ALL) or only the leaf (CRL_CHECK).
+
+    Our CA publishes root and intermediate CRLs together; a flat CA made elsewhere may publish only
+    one for its leaves. One rule for both the TLS layer and message validation.
+    """
+    issuers = {c.issuer for c in crls}
+    return all(a.subject in issuers for a in anchors)
+
+
+@dataclass
+class TrustPolicy:
+    """The trust anchor(s), the CA's current CRLs and the organisation's OU: what validation needs."""
+
+    anchors: Sequence[x509.Certificate]
+    crls: Sequence[x509.CertificateRevocationList] = field(default_factory=tuple)
+    org_unit: str | None = DEFAULT_ORG_UNIT
+
+    def __post_init__(self) -> None:
+        if not self.anchors:
+            raise ValidationError("no_anchor", "no trust anchor (CA certificate) configured")
+        self._anchor_x509 = [crypto.X509.from_cryptography(a) for a in self.anchors]
+
+    def _store(self, at: dt.datetime | None, with_crls: bool) -> crypto.X509Store:
+        store = crypto.X509Store()
+        for a in self._anchor_x509:
+            store.add_cert(a)
+        if with_crls and self.crls:
+            for crl in self.crls:
+                store.add_crl(crl)
+            flags = crypto.X509StoreFlags.CRL_CHECK
+            if crl_covers_anchors(self.anchors, self.crls):
+                flags |= crypto.X509StoreFlags.CRL_CHECK_ALL
+            store.set_flags(flags)
+        if at is not None:
+            store.set_time(_utc(at).replace(tzinfo=None))
+        return store
+
+    def path(self, cert: x509.Certificate, untrusted: Sequence[x509.Certificate] = (),
+             at: dt.datetime | None = None) -> list[x509.Certificate]:
+        """The verified chain (leaf first) or ValidationError naming the reason.
+
+        ``at=None`` validates now with OpenSSL's own CRL checks. A past ``at`` (a message's server
+        time) validates the path at that time and treats a revocation as effective only from its
+        revocation date, unless the reason is a key or CA compromise.
+        """
+        store = self._store(at, with_crls=at is None)
+        ctx = crypto.X509StoreContext(store, crypto.X509.from_cryptography(cert),
+                                      [crypto.X509.from_cryptography(c) for c in untrusted])
+        try:
+            chain = [c.to_cryptography() for c in ctx.get_verified_chain()]
+        except crypto.X509StoreContextError as exc:
+            code, depth = (exc.errors[0], exc.errors[1]) if len(exc.errors) >= 2 else (-1, 0)
+            reason, text = _REASONS.get(code, ("invalid", f"certificate rejected: {exc}"))
+            where = "" if depth == 0 else f" (CA certificate at depth {depth})"
+            raise ValidationError(reason, text + where) from None
+        if at is not None and self.crls:
+            self._check_revocation_at(chain, _utc(at))
+        return chain
+
+    def _check_revocation_at(self, chain: list[x509.Certificate], at: dt.datetime) -> None:
+        check_all = crl_covers_anchors(self.anchors, self.crls)
+        for depth, (cert, issuer) in enumerate(zip(chain, chain[1:])):
+            crls = [c for c in self.crls if c.issuer == cert.issuer
+                    and verify_crl_signature(c, issuer)]
+            if not crls:
+                if depth == 0 or check_all:
+                    raise ValidationError("crl_missing", "no CRL available for the issuing CA")
+                continue
+            for crl in crls:
+                entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+                if entry is None:
+                    continue
+                reason = _entry_reason(entry)
+                if entry.revocation_date_utc <= at or reason in _ALWAYS_REVOKED:
+                    where = "" if depth == 0 else f" (CA certificate at depth {depth})"
+                    raise ValidationError("revoked", f"certificate is revoked{where}")
+
+    def validate(self, cert: x509.Certificate, untrusted: Sequence[x509.Certificate] = (),
+                 role: Role = "client", at: dt.datetime | None = None) -> Identity:
+        """Full validation (DESIGN.md §2): path, dates, CA constraints, CRL, then the profile."""
+        self.path(cert, untrusted, at)
+        return check_profile(cert, role, self.org_unit)
+
+
+def verify_crl_signature(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
+    try:
+        return crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def _entry_reason(entry: x509.RevokedCertificate) -> x509.ReasonFlags | None:
+    try:
+        return entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except x509.ExtensionNotFound:
+        return None
+
+
+def validate(cert: x509.Certificate, untrusted: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate],
+             crls: Sequence[x509.CertificateRevocationList] = (), role: Role = "client",
+             at: dt.datetime | None = None, org_unit: str | None = DEFAULT_ORG_UNIT) -> Identity:
+    """One-call form of :meth:`TrustPolicy.validate`."""
+    return TrustPolicy(anchors, crls, org_unit).validate(cert, untrusted, role, at)
+
+
+__all__ = ["ROLES", "Role", "TrustPolicy", "check_profile", "crl_covers_anchors", "validate"]

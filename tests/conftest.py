@@ -1,0 +1,34 @@
+"""Shared fixtures: one demo PKI per test session (key generation is the slow part)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pki.ca import CertificateAuthority
+from pki.cli import make_demo
+from pki.keystore import load_keystore
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pki") / "certs"
+    make_demo(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_ca(demo_dir: Path) -> CertificateAuthority:
+    return CertificateAuthority.load(demo_dir / "ca")
+
+
+@pytest.fixture()
+def fresh_ca(tmp_path: Path) -> CertificateAuthority:
+    """A CA a test may change (issue, revoke) without disturbing others."""
+    return CertificateAuthority.init(tmp_path / "ca")
+
+
+@pytest.fixture(scope="session")
+def alice(demo_dir: Path):
+    return load_keystore(demo_dir / "MSG_CLI1.p12")
