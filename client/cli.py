@@ -1,0 +1,193 @@
+"""``msg-client``: the original service's command line, on top of :class:`Mailbox`.
+
+    msg-client [--p12 FILE | -user FILE] [--server HOST:PORT] [--ca FILE] send <UID> <SUBJECT>
+    msg-client ... askqueue | getmsg <NUM> | receipts | help
+
+Exactly three fixed error lines (DESIGN.md §7); every other failure is one clear line. Exit code 0
+on success, 1 on any error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from pki.errors import PkiError
+from pki.files import load_certificate_file, load_crl_file
+from pki.identity import is_valid_uid
+from pki.keystore import load_keystore
+from pki.passwords import PasswordSource
+from pki.validation import TrustPolicy
+from protocol.encoding import format_time
+from protocol.envelope import MAX_BODY, VerificationError, check_subject
+from protocol.errors import ErrorCode
+from protocol.messages import RemoteError
+
+from .connection import ClientError, RelayClient
+from .mailbox import Mailbox
+from .state import ClientState, StateError, default_state_dir
+
+COMMAND_ERROR = "MSG RELAY SERVICE: command error!"
+UNKNOWN_MESSAGE = "MSG RELAY SERVICE: unknown message!"
+VERIFICATION_ERROR = "MSG RELAY SERVICE: verification error!"
+
+HELP = """usage: msg-client [options] COMMAND
+
+commands:
+  send <UID> <SUBJECT>   send a message to UID; the body is read from stdin (at most 1000 bytes)
+  askqueue               list unread messages: <NUM>:<SENDER>:<TIME>:<SUBJECT>
+  getmsg <NUM>           print message NUM and mark it read
+  receipts               list the relay's receipts for messages you sent
+  help                   this text
+
+options:
+  --p12 FILE, -user FILE keystore (default userdata.p12)
+  --server HOST:PORT     relay address (default 127.0.0.1:7777)
+  --ca FILE              trust anchor (default: the CA certificate bundled in the keystore)
+  --crl FILE             CA's CRL for checking senders (default: the one the relay publishes)
+  --password-file FILE   keystore password (or MSG_RELAY_PASSWORD, or a prompt)
+  --state-dir DIR        local state (default ~/.local/share/msg-relay/<UID>)
+  --verbose, -v          details of errors and debug logging"""
+
+log = logging.getLogger("msg_relay.client")
+
+
+class CommandError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise CommandError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="msg-client", add_help=False)
+    p.add_argument("--p12", "-user", dest="p12", default="userdata.p12")
+    p.add_argument("--server", default="127.0.0.1:7777")
+    p.add_argument("--ca")
+    p.add_argument("--crl")
+    p.add_argument("--password-file")
+    p.add_argument("--state-dir")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--verbose", "-v", action="store_true")
+    p.add_argument("command", nargs="?")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+def _fail(line: str, detail: str | None = None, verbose: bool = False) -> int:
+    print(line, file=sys.stderr)
+    if detail and verbose:
+        print(f"  reason: {detail}", file=sys.stderr)
+    return 1
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT``."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ClientError(f"--server must be HOST:PORT, not {text!r}")
+    return host, int(port)
+
+
+def _read_body() -> bytes:
+    stream = sys.stdin.buffer if sys.stdin is not None else None
+    body = stream.read(MAX_BODY + 1) if stream is not None else b""
+    if len(body) > MAX_BODY:
+        raise ClientError(f"message body longer than {MAX_BODY} bytes: nothing sent")
+    return body
+
+
+def _validate_command(command: str | None, args: list[str]) -> None:
+    arity = {"send": 2, "askqueue": 0, "getmsg": 1, "receipts": 0, "help": 0}
+    if command not in arity or len(args) != arity[command]:
+        raise CommandError(f"bad command {command!r}")
+    if command == "send" and not is_valid_uid(args[0]):
+        raise CommandError(f"invalid UID {args[0]!r}")
+    if command == "getmsg" and not (args[0].isdigit() and 0 < int(args[0]) < 2**53):
+        raise CommandError(f"message number must be a positive integer, not {args[0]!r}")
+
+
+async def _run(opts: argparse.Namespace) -> int:
+    store = load_keystore(opts.p12, PasswordSource(file=opts.password_file))
+    if store.uid is None:
+        raise ClientError(f"{opts.p12}: certificate has no UID (PSEUDONYM)")
+    anchors = load_certificate_file(opts.ca) if opts.ca else store.ca_certificates()
+    if not anchors:
+        raise ClientError(f"{opts.p12} bundles no CA certificate: give --ca ROOT.pem")
+    crls = load_crl_file(opts.crl) if opts.crl else []
+    host, port = parse_server(opts.server)
+    state = ClientState(Path(opts.state_dir) if opts.state_dir else default_state_dir(store.uid))
+    if opts.command == "receipts":
+        for r in state.receipts():
+            print(f"{r.msg_id} to {r.recipient} at {format_time(r.server_time)} queue number {r.queue_number}")
+        return 0
+    body = b""
+    if opts.command == "send":
+        try:
+            check_subject(opts.args[1])
+        except ValueError as exc:
+            raise ClientError(f"bad subject: {exc}") from None
+        body = _read_body()
+    async with RelayClient(store, host, port, anchors, crls, timeout=opts.timeout) as client:
+        mailbox = Mailbox(client, state, TrustPolicy(anchors, crls))
+        if opts.command == "send":
+            receipt = await mailbox.send(opts.args[0], opts.args[1], body)
+            print(f"sent {receipt.msg_id} to {receipt.recipient} at {format_time(receipt.server_time)}")
+        elif opts.command == "askqueue":
+            for line in await mailbox.queue():
+                subject = line.subject if line.subject is not None else "(unverifiable subject)"
+                print(f"{line.num}:{line.sender}:{line.server_time.strftime('%Y-%m-%dT%H:%M:%SZ')}:{subject}")
+        elif opts.command == "getmsg":
+            msg = await mailbox.read(int(opts.args[0]))
+            inner = msg.inner
+            sys.stdout.write(f"From: {inner.sender}\nTo: {inner.recipient}\nSubject: {inner.subject}\n"
+                             f"Date: {format_time(msg.receipt.server_time)}\nMessage-Id: {inner.msg_id}\n\n")
+            sys.stdout.flush()
+            sys.stdout.buffer.write(inner.body)
+            if inner.body and not inner.body.endswith(b"\n"):
+                sys.stdout.buffer.write(b"\n")
+            sys.stdout.flush()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    try:
+        opts = build_parser().parse_args(argv)
+        _validate_command(opts.command, opts.args)
+    except CommandError as exc:
+        print(COMMAND_ERROR, file=sys.stderr)
+        if verbose:
+            print(f"  reason: {exc}", file=sys.stderr)
+        print(HELP, file=sys.stderr)
+        return 1
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if opts.command == "help":
+        print(HELP)
+        return 0
+    try:
+        return asyncio.run(_run(opts))
+    except VerificationError as exc:
+        return _fail(VERIFICATION_ERROR, str(exc), verbose)
+    except RemoteError as exc:
+        if exc.code == ErrorCode.UNKNOWN_MESSAGE.value:
+            return _fail(UNKNOWN_MESSAGE, exc.message, verbose)
+        return _fail(f"msg-client: the relay refused: {exc.message}")
+    except (ClientError, PkiError, StateError) as exc:
+        return _fail(f"msg-client: {exc}")
+    except KeyboardInterrupt:
+        return _fail("msg-client: interrupted")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""``RelayClient``: the async client library the CLI and the tests use.
+
+One TLS connection, reused for every request; requests may be pipelined. Every failure surfaces as
+a :class:`ClientError` with one readable line (the CLI prints it as is).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import ssl
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from cryptography import x509
+
+from pki.errors import ValidationError
+from pki.keystore import Keystore
+from pki.tls import client_context, peer_certificate
+from pki.validation import check_profile
+from protocol.envelope import Sealed, sign_submission
+from protocol.errors import ErrorCode, FrameError
+from protocol.frames import MAX_FRAME, FrameDecoder, decode_payload, encode_frame
+from protocol.messages import (DirectoryRequest, DirectoryResult, GetRequest, GetResult, PublishKeyRequest,
+                               QueueEntry, QueueRequest, QueueResult, RemoteError, Request, Result, SendRequest,
+                               SendResult, StoredMessage, parse_response, request_to_wire)
+from protocol.receipts import Receipt
+from pki.identity import DEFAULT_ORG_UNIT
+
+# TLS alerts a server sends when it refuses our certificate, as OpenSSL names them.
+_REJECTION_ALERTS = {
+    "CERTIFICATE_REQUIRED": "no client certificate",
+    "CERTIFICATE_REVOKED": "certificate revoked",
+    "CERTIFICATE_EXPIRED": "certificate expired",
+    "UNKNOWN_CA": "certificate from an unknown CA",
+    "CERTIFICATE_UNKNOWN": "certificate not accepted",
+    "BAD_CERTIFICATE": "bad certificate",
+    "UNSUPPORTED_CERTIFICATE": "unsupported certificate",
+    "DECRYPT_ERROR": "certificate signature check failed",
+}
+
+
+class ClientError(Exception):
+    """A failure to show the user as one line."""
+
+
+class ServerRejected(ClientError):
+    """The relay refused our certificate (surfaces on the first read under TLS 1.3)."""
+
+
+def _rejection(exc: ssl.SSLError) -> ServerRejected | None:
+    reason = (exc.reason or "").upper()
+    for alert, text in _REJECTION_ALERTS.items():
+        if alert in reason:
+            return ServerRejected(f"the relay rejected our certificate ({text})")
+    return None
+
+
+class RelayClient:
+    def __init__(self, keystore: Keystore, host: str, port: int, anchors: Sequence[x509.Certificate],
+                 crls: Sequence[x509.CertificateRevocationList] = (), *, org_unit: str | None = DEFAULT_ORG_UNIT,
+                 max_frame: int = MAX_FRAME, timeout: float = 30.0) -> None:
+        self.keystore = keystore
+        self.host, self.port = host, port
+        self.anchors, self.crls = list(anchors), list(crls)
+        self.org_unit = org_unit
+        self.max_frame = max_frame
+        self.timeout = timeout
+        self.server_cert: x509.Certificate | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._decoder = FrameDecoder(max_frame)
+        self._pending: deque[bytes] = deque()
+        self._ids = itertools.count(1)
+        self._lock = asyncio.Lock()
+        self._ctx = client_context(keystore, self.anchors, self.crls)
+
+    @property
+    def uid(self) -> str:
+        assert self.keystore.uid is not None
+        return self.keystore.uid
+
+    async def __aenter__(self) -> "RelayClient":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        try:
+            self._reader, self._writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port, ssl=self._ctx, server_hostname=self.host,
+                                        limit=self.max_frame + 8), self.timeout)
+        except ssl.SSLCertVerificationError as exc:
+            raise ClientError(f"server certificate rejected: {exc.verify_message}") from None
+        except ssl.SSLError as exc:
+            raise (_rejection(exc) or ClientError(f"TLS handshake with {self.host}:{self.port} failed "
+                                                  f"({exc.reason or exc})")) from None
+        except (asyncio.TimeoutError, TimeoutError):
+            raise ClientError(f"relay at {self.host}:{self.port} did not answer in time") from None
+        except OSError as exc:
+            raise ClientError(f"cannot reach the relay at {self.host}:{self.port} ({exc.strerror or exc})") from None
+        cert = peer_certificate(self._writer.get_extra_info("ssl_object"))
+        try:
+            if cert is None:
+                raise ValidationError("no_certificate", "the relay sent no certificate")
+            check_profile(cert, "server", self.org_unit)
+        except ValidationError as exc:
+            await self.close()
+            raise ClientError(f"server certificate rejected: {exc}") from None
+        self.server_cert = cert
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            try:
+                await asyncio.wait_for(self._writer.wait_closed(), 2)
+            except (OSError, ssl.SSLError, asyncio.TimeoutError):
+                pass  # closing anyway
+            self._writer = None
+
+    # ---------------------------------------------------------------------------------- framing
+    async def _read_payload(self) -> bytes:
+        assert self._reader is not None
+        while not self._pending:
+            try:
+                data = await asyncio.wait_for(self._reader.read(65536), self.timeout)
+            except ssl.SSLError as exc:
+                raise (_rejection(exc) or ClientError(f"TLS error from the relay ({exc.reason or exc})")) from None
+            except (asyncio.TimeoutError, TimeoutError):
+                raise ClientError("the relay did not answer in time") from None
+            except OSError as exc:
+                raise ClientError(f"connection to the relay failed ({exc.strerror or exc})") from None
+            if not data:
+                raise ClientError("the relay closed the connection")
+            try:
+                self._pending.extend(self._decoder.feed(data))
+            except FrameError as exc:
+                raise ClientError(f"bad response from the relay: {exc.message}") from None
+        return self._pending.popleft()
+
+    async def _roundtrip(self, requests: Sequence[Request]) -> list[dict[str, Any]]:
+        if self._writer is None:
+            await self.connect()
+        assert self._writer is not None
+        async with self._lock:
+            try:
+                for req in requests:
+                    self._writer.write(encode_frame(request_to_wire(req), self.max_frame))
+                await self._writer.drain()
+            except FrameError as exc:
+                raise ClientError(f"request too large: {exc.message}") from None
+            except (OSError, ssl.SSLError) as exc:
+                raise ClientError(f"connection to the relay failed ({exc})") from None
+            out = []
+            for req in requests:
+                try:
+                    obj = decode_payload(await self._read_payload())
+                except FrameError as exc:
+                    raise ClientError(f"bad response from the relay: {exc.message}") from None
+                if obj.get("id") is None and obj.get("ok") is False:
+                    err = obj.get("error") or {}
+                    msg = err.get("message", "request refused") if isinstance(err, dict) else "request refused"
+                    if isinstance(err, dict) and err.get("code") == ErrorCode.NOT_AUTHORISED.value:
+                        raise ServerRejected(f"the relay rejected our certificate: {msg}")
+                    raise ClientError(f"the relay refused the connection: {msg}")
+                if obj.get("id") != req.id:
+                    raise ClientError("the relay answered out of order")
+                out.append(obj)
+            return out
+
+    async def request(self, req: Request) -> Result:
+        (obj,) = await self._roundtrip([req])
+        return parse_response(obj, req.op)
+
+    async def pipeline(self, requests: Sequence[Request]) -> list[Result | RemoteError]:
+        """Send all requests at once, then read the responses in order."""
+        results: list[Result | RemoteError] = []
+        for req, obj in zip(requests, await self._roundtrip(requests)):
+            try:
+                results.append(parse_response(obj, req.op))
+            except RemoteError as exc:
+                results.append(exc)
+        return results
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    # ------------------------------------------------------------------------------- operations
+    def send_request(self, to: str, msg_id: str, sealed: Sealed) -> SendRequest:
+        signature = sign_submission(self.keystore.key, to, msg_id, sealed)
+        return SendRequest(self.next_id(), to, msg_id, sealed.version, sealed.header, sealed.envelope, signature)
+
+    async def send(self, to: str, msg_id: str, sealed: Sealed) -> Receipt:
+        result = await self.request(self.send_request(to, msg_id, sealed))
+        assert isinstance(result, SendResult)
+        return result.receipt
+
+    async def queue(self) -> list[QueueEntry]:
+        entries: list[QueueEntry] = []
+        after = 0
+        while True:
+            page = await self.request(QueueRequest(self.next_id(), after))
+            assert isinstance(page, QueueResult)
+            entries += page.entries
+            if not page.more or not page.entries:
+                return entries
+            after = page.entries[-1].num
+
+    async def get(self, num: int) -> StoredMessage:
+        result = await self.request(GetRequest(self.next_id(), num))
+        assert isinstance(result, GetResult)
+        return result.message
+
+    async def directory(self, uid: str) -> DirectoryResult:
+        result = await self.request(DirectoryRequest(self.next_id(), uid))
+        assert isinstance(result, DirectoryResult)
+        return result
+
+    async def publish_key(self, record: bytes, signature: bytes) -> None:
+        await self.request(PublishKeyRequest(self.next_id(), record, signature))

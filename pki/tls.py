@@ -1,0 +1,93 @@
+"""Stdlib ``ssl`` contexts for the relay: one place for the TLS rules of both ends.
+
+TLS 1.3 only, a certificate required from both peers, the organisation's root as the only trust
+anchor, and the CA's CRL enforced when one is configured. Which UID the peer has, and whether its
+certificate fits the profile, is checked after the handshake with :func:`pki.validation.check_profile`
+(the course server certificate has no SAN, so hostname checking cannot be the rule).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import ssl
+import tempfile
+from collections.abc import Callable, Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from .errors import PkiError
+from .files import certs_to_pem
+from .keystore import Keystore
+from .validation import crl_covers_anchors
+
+
+def _through_private_file(data: bytes, load: Callable[[str], object]) -> None:
+    """Hand ``data`` to an ``ssl`` loader that only reads files.
+
+    The file is 0600 in a private 0700 directory and removed as soon as OpenSSL has read it.
+    """
+    private_dir = tempfile.mkdtemp(prefix="msg-relay-")
+    try:
+        path = os.path.join(private_dir, "material.pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        load(path)
+    finally:
+        shutil.rmtree(private_dir, ignore_errors=True)
+
+
+def load_identity(ctx: ssl.SSLContext, store: Keystore) -> None:
+    """Load a keystore's key and chain into ``ctx`` (Python 3.11's ``load_cert_chain`` needs a file)."""
+    key_pem = store.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+    _through_private_file(key_pem + certs_to_pem([store.cert, *store.intermediates()]), ctx.load_cert_chain)
+
+
+def _base(protocol: int, store: Keystore, anchors: Sequence[x509.Certificate],
+          crls: Sequence[x509.CertificateRevocationList]) -> ssl.SSLContext:
+    try:
+        return _build(protocol, store, anchors, crls)
+    except ssl.SSLError as exc:
+        raise PkiError(f"cannot set up TLS with this keystore and CA ({exc.reason or exc})") from None
+
+
+def _build(protocol: int, store: Keystore, anchors: Sequence[x509.Certificate],
+           crls: Sequence[x509.CertificateRevocationList]) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(protocol)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=certs_to_pem(list(anchors)).decode("ascii"))
+    if crls:
+        # cadata takes certificates only; CRLs must come from a file.
+        _through_private_file(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in crls),
+                              lambda path: ctx.load_verify_locations(cafile=path))
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        if crl_covers_anchors(anchors, crls):
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
+    load_identity(ctx, store)
+    return ctx
+
+
+def server_context(store: Keystore, anchors: Sequence[x509.Certificate],
+                   crls: Sequence[x509.CertificateRevocationList] = ()) -> ssl.SSLContext:
+    ctx = _base(ssl.PROTOCOL_TLS_SERVER, store, anchors, crls)
+    # No session tickets: every connection presents and is checked with its certificate (and the CRL).
+    ctx.num_tickets = 0
+    return ctx
+
+
+def client_context(store: Keystore, anchors: Sequence[x509.Certificate],
+                   crls: Sequence[x509.CertificateRevocationList] = ()) -> ssl.SSLContext:
+    ctx = _base(ssl.PROTOCOL_TLS_CLIENT, store, anchors, crls)
+    ctx.check_hostname = False  # replaced by the MSG_SERVER UID check after the handshake
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def peer_certificate(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> x509.Certificate | None:
+    der = ssl_object.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der) if der else None

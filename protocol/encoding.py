@@ -1,0 +1,66 @@
+"""Byte-level encodings shared by every message: base64 on the wire, signing inputs, timestamps."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import hashlib
+import struct
+
+from .errors import ErrorCode, ProtocolError
+
+
+def b64e(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64d(text: object, field: str = "value") -> bytes:
+    """Strict standard base64 (padded, no stray characters)."""
+    if not isinstance(text, str):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{field} must be a base64 string")
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{field} is not valid base64") from None
+
+
+def signing_input(label: str, *fields: bytes | str | int) -> bytes:
+    """An unambiguous byte string to sign: a domain label, then each field length-prefixed.
+
+    Length prefixes make ("ab", "c") and ("a", "bc") sign differently; the label keeps a signature
+    made for one purpose (a submission, a receipt, a key record) from being valid for another.
+    """
+    out = bytearray(b"MSG-RELAY\x00" + label.encode() + b"\x00")
+    for f in fields:
+        if isinstance(f, bool):
+            raise TypeError("booleans are not signing fields")
+        raw = f.encode("utf-8") if isinstance(f, str) else (str(f).encode() if isinstance(f, int) else f)
+        out += struct.pack(">I", len(raw)) + raw
+    return bytes(out)
+
+
+def sha256(*parts: bytes) -> bytes:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(struct.pack(">I", len(p)))
+        h.update(p)
+    return h.digest()
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def format_time(t: dt.datetime) -> str:
+    """RFC 3339 UTC with microseconds, e.g. ``2026-11-24T10:15:02.123456Z``."""
+    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: object, field: str = "time") -> dt.datetime:
+    if not isinstance(text, str) or not text.endswith("Z") or len(text) > 40:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{field} must be an RFC 3339 UTC time")
+    try:
+        return dt.datetime.fromisoformat(text[:-1]).replace(tzinfo=dt.timezone.utc)
+    except ValueError:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{field} must be an RFC 3339 UTC time") from None

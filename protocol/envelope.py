@@ -1,0 +1,164 @@
+"""The end-to-end envelope: what a sender signs and what a recipient checks.
+
+The relay never looks inside: it stores ``header`` (what ``queue`` shows) and ``envelope`` (what
+``get`` returns) as opaque bytes with their ``envelope_version``. Only clients call this module.
+
+Version 1 signs the inner message ``{from, to, msg_id, sent_at, subject, body}`` with the sender's
+certificate key; the outer *submission* signature covers (recipient, msg_id, version, header,
+envelope) so the relay can refuse forged submissions without reading them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pki.keys import PrivateKey, PublicKey, sign, verify_signature
+
+from .encoding import b64d, b64e, format_time, parse_time, sha256, signing_input
+from .errors import ProtocolError
+from .fields import Fields
+
+MAX_BODY = 1000
+MAX_SUBJECT = 200
+ENVELOPE_V1 = 1
+SUPPORTED_VERSIONS = (ENVELOPE_V1,)
+
+
+class VerificationError(Exception):
+    """A message failed an end-to-end check; ``str()`` is the detail shown with ``--verbose``."""
+
+
+def check_subject(subject: str) -> str:
+    """Subjects are printed one per line: no control characters, bounded length."""
+    if len(subject) > MAX_SUBJECT:
+        raise ValueError(f"subject longer than {MAX_SUBJECT} characters")
+    if any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in subject):
+        raise ValueError("subject contains control characters")
+    return subject
+
+
+@dataclass(frozen=True)
+class InnerMessage:
+    sender: str
+    recipient: str
+    msg_id: str
+    sent_at: dt.datetime
+    subject: str
+    body: bytes
+
+    def to_bytes(self) -> bytes:
+        doc = {"from": self.sender, "to": self.recipient, "msg_id": self.msg_id, "sent_at": format_time(self.sent_at),
+               "subject": self.subject, "body": b64e(self.body)}
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "InnerMessage":
+        try:
+            obj = json.loads(data.decode("utf-8"))
+            if not isinstance(obj, dict):
+                raise ValueError("not an object")
+            f = Fields(obj)
+            body = f.bytes("body", MAX_BODY)
+            subject = check_subject(f.str("subject", MAX_SUBJECT))
+            return cls(f.uid("from"), f.uid("to"), f.msg_id(), parse_time(f.str("sent_at", 40)), subject, body)
+        except (ValueError, ProtocolError) as exc:
+            raise VerificationError(f"inner message malformed: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """What a client submits and the relay stores: version, header and envelope bytes."""
+
+    version: int
+    header: bytes
+    envelope: bytes
+
+
+@dataclass(frozen=True)
+class OpenedMessage:
+    inner: InnerMessage
+
+
+def _json(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _load(data: bytes, what: str) -> Fields:
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise VerificationError(f"{what} is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise VerificationError(f"{what} is not a JSON object")
+    return Fields(obj)
+
+
+def seal(inner: InnerMessage, sender_key: PrivateKey) -> Sealed:
+    """Version 1: the inner message signed by the sender (authentic, not confidential)."""
+    if len(inner.body) > MAX_BODY:
+        raise ValueError(f"message body longer than {MAX_BODY} bytes")
+    check_subject(inner.subject)
+    data = inner.to_bytes()
+    signature = sign(sender_key, signing_input("inner/v1", data))
+    envelope = _json({"inner": b64e(data), "signature": b64e(signature)})
+    header = _json({"subject": inner.subject})
+    return Sealed(ENVELOPE_V1, header, envelope)
+
+
+def read_subject(version: int, header: bytes) -> str:
+    """The subject shown by ``askqueue`` (checked against the signed copy when the message is read)."""
+    if version != ENVELOPE_V1:
+        raise VerificationError(f"unsupported envelope version {version}")
+    try:
+        return check_subject(_load(header, "header").str("subject", MAX_SUBJECT))
+    except (ProtocolError, ValueError) as exc:
+        raise VerificationError(f"header malformed: {exc}") from None
+
+
+def open_envelope(sealed: Sealed, *, reader: str, sender: str, msg_id: str, sender_key: PublicKey) -> OpenedMessage:
+    """Every check of DESIGN.md §5 that needs no local state: signature, addressee, sender, msg_id.
+
+    ``sender`` and ``msg_id`` come from the relay's signed receipt, ``sender_key`` from the sender's
+    certificate, which the caller has validated at the receipt's server time.
+    """
+    if sealed.version != ENVELOPE_V1:
+        raise VerificationError(f"unsupported envelope version {sealed.version}")
+    f = _load(sealed.envelope, "envelope")
+    try:
+        data, signature = b64d(f.obj.get("inner"), "inner"), b64d(f.obj.get("signature"), "signature")
+    except ProtocolError as exc:
+        raise VerificationError(str(exc)) from None
+    if not verify_signature(sender_key, signature, signing_input("inner/v1", data)):
+        raise VerificationError("inner signature does not verify against the sender's certificate")
+    inner = InnerMessage.from_bytes(data)
+    if inner.recipient != reader:
+        raise VerificationError(f"message is addressed to {inner.recipient}, not to {reader}")
+    if inner.sender != sender:
+        raise VerificationError(f"message claims sender {inner.sender} but was submitted by {sender}")
+    if inner.msg_id != msg_id:
+        raise VerificationError("message id inside the envelope does not match the relay's")
+    if read_subject(sealed.version, sealed.header) != inner.subject:
+        raise VerificationError("subject shown in the queue differs from the signed subject")
+    return OpenedMessage(inner)
+
+
+# ---------------------------------------------------------------------- the outer submission signature
+def submission_bytes(recipient: str, msg_id: str, sealed: Sealed) -> bytes:
+    return signing_input("submit/v1", recipient, msg_id, sealed.version, sha256(sealed.header),
+                         sha256(sealed.envelope))
+
+
+def sign_submission(key: PrivateKey, recipient: str, msg_id: str, sealed: Sealed) -> bytes:
+    return sign(key, submission_bytes(recipient, msg_id, sealed))
+
+
+def verify_submission(key: PublicKey, signature: bytes, recipient: str, msg_id: str, sealed: Sealed) -> bool:
+    return verify_signature(key, signature, submission_bytes(recipient, msg_id, sealed))
+
+
+def ciphertext_digest(sealed: Sealed) -> bytes:
+    """What a receipt commits to: header and envelope together, unambiguously."""
+    return sha256(sealed.header, sealed.envelope)

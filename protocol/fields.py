@@ -1,0 +1,101 @@
+"""Validation of decoded JSON objects, field by field, into typed values.
+
+Every request and response is read through :class:`Fields`, so a missing or mistyped field is
+always the same ``bad_request`` error naming the field, and unknown fields are ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pki.identity import is_valid_uid
+
+from .encoding import b64d
+from .errors import ErrorCode, ProtocolError
+
+MSG_ID_RE = re.compile(r"[0-9a-f]{32}")
+MAX_INT = 2**53 - 1  # exact in every JSON implementation
+
+
+class _Required:
+    pass
+
+
+REQUIRED: Any = _Required()
+
+
+class Fields:
+    """Typed access to a JSON object; raises ProtocolError(bad_request) carrying the request id."""
+
+    def __init__(self, obj: dict[str, Any], request_id: str | int | None = None) -> None:
+        self.obj = obj
+        self.request_id = request_id
+
+    def fail(self, message: str, code: ErrorCode = ErrorCode.BAD_REQUEST) -> ProtocolError:
+        return ProtocolError(code, message, self.request_id)
+
+    def has(self, name: str) -> bool:
+        return self.obj.get(name) is not None
+
+    def _get(self, name: str) -> Any:
+        if name not in self.obj:
+            raise self.fail(f"missing field {name!r}")
+        return self.obj[name]
+
+    def str(self, name: str, max_len: int = 256) -> str:
+        value = self._get(name)
+        if not isinstance(value, str):
+            raise self.fail(f"field {name!r} must be a string")
+        if len(value) > max_len:
+            raise self.fail(f"field {name!r} longer than {max_len} characters", ErrorCode.TOO_LARGE)
+        return value
+
+    def int(self, name: str, minimum: int = 0, maximum: int = MAX_INT) -> int:
+        value = self._get(name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.fail(f"field {name!r} must be an integer")
+        if not minimum <= value <= maximum:
+            raise self.fail(f"field {name!r} out of range {minimum}..{maximum}")
+        return value
+
+    def bool(self, name: str) -> bool:
+        value = self._get(name)
+        if not isinstance(value, bool):
+            raise self.fail(f"field {name!r} must be true or false")
+        return value
+
+    def bytes(self, name: str, max_len: int) -> bytes:
+        value = self._get(name)
+        if isinstance(value, str) and len(value) > (max_len + 2) // 3 * 4:
+            raise self.fail(f"field {name!r} larger than {max_len} bytes", ErrorCode.TOO_LARGE)
+        try:
+            return b64d(value, name)
+        except ProtocolError as exc:
+            raise self.fail(exc.message) from None
+
+    def uid(self, name: str) -> str:
+        value = self.str(name, 64)
+        if not is_valid_uid(value):
+            raise self.fail(f"field {name!r} is not a valid UID")
+        return value
+
+    def msg_id(self, name: str = "msg_id") -> str:
+        value = self.str(name, 32)
+        if not MSG_ID_RE.fullmatch(value):
+            raise self.fail(f"field {name!r} must be 32 lowercase hex digits")
+        return value
+
+    def object(self, name: str) -> "Fields":
+        value = self._get(name)
+        if not isinstance(value, dict):
+            raise self.fail(f"field {name!r} must be an object")
+        return Fields(value, self.request_id)
+
+    def list(self, name: str, max_items: int) -> list[Any]:
+        value = self._get(name)
+        if not isinstance(value, list):
+            raise self.fail(f"field {name!r} must be a list")
+        if len(value) > max_items:
+            raise self.fail(f"field {name!r} has more than {max_items} items", ErrorCode.TOO_LARGE)
+        return value

@@ -1,0 +1,120 @@
+"""Length-prefixed JSON frames: a 4-byte big-endian length, then that many bytes of UTF-8 JSON.
+
+The size limit is checked on the declared length, before any of the body is buffered, so a peer
+cannot make us allocate more than one frame's worth.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from .errors import ErrorCode, FrameError
+
+MAX_FRAME = 9999
+HEADER = struct.Struct(">I")
+# JSON nesting deeper than this is refused before it can exhaust the parser's recursion.
+MAX_DEPTH = 16
+
+
+def encode_frame(obj: dict[str, Any], max_size: int = MAX_FRAME) -> bytes:
+    """Serialise one JSON object as a frame; raises FrameError when it would exceed ``max_size``."""
+    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(body) > max_size:
+        raise FrameError(ErrorCode.TOO_LARGE, f"frame of {len(body)} bytes exceeds the limit of {max_size}")
+    return HEADER.pack(len(body)) + body
+
+
+def _depth_ok(text: str) -> bool:
+    depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        # Two parsers could pick different values for a repeated key: refuse the ambiguity.
+        raise ValueError("duplicate key in JSON object")
+    return obj
+
+
+def decode_payload(payload: bytes) -> dict[str, Any]:
+    """Parse one frame body into a JSON object (never anything else)."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FrameError(ErrorCode.BAD_REQUEST, "frame is not valid UTF-8") from None
+    if not _depth_ok(text):
+        raise FrameError(ErrorCode.BAD_REQUEST, f"JSON nested deeper than {MAX_DEPTH} levels")
+    try:
+        # Huge integers are refused by the int-parsing limit of CPython; NaN/Infinity are not JSON.
+        obj = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as exc:
+        raise FrameError(ErrorCode.BAD_REQUEST, f"frame is not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(obj, dict):
+        raise FrameError(ErrorCode.BAD_REQUEST, "frame must hold one JSON object")
+    return obj
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes in any chunking, get complete frame payloads out.
+
+    After a :class:`FrameError` the stream is out of sync and the decoder refuses further input.
+    """
+
+    def __init__(self, max_size: int = MAX_FRAME) -> None:
+        self.max_size = max_size
+        self._buf = bytearray()
+        self._need: int | None = None
+        self._broken = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that are not yet a whole frame (a half-sent frame, for idle-timeout logic)."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add ``data``; return the payloads of all frames now complete, in order."""
+        if self._broken:
+            raise FrameError(ErrorCode.BAD_REQUEST, "stream already failed")
+        self._buf += data
+        out: list[bytes] = []
+        while True:
+            if self._need is None:
+                if len(self._buf) < HEADER.size:
+                    return out
+                (length,) = HEADER.unpack_from(self._buf)
+                if length > self.max_size:
+                    self._broken = True
+                    self._buf.clear()
+                    raise FrameError(ErrorCode.TOO_LARGE,
+                                     f"declared frame length {length} exceeds the limit of {self.max_size}")
+                del self._buf[:HEADER.size]
+                self._need = length
+            if len(self._buf) < self._need:
+                return out
+            out.append(bytes(self._buf[:self._need]))
+            del self._buf[:self._need]
+            self._need = None

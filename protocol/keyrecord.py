@@ -1,0 +1,72 @@
+"""Published encryption keys: ``{uid, kem, public_key, created, expires}`` signed by the owner.
+
+The record binds an HPKE public key to a UID through the owner's certificate key, so a relay that
+serves a directory cannot substitute its own encryption key without the sender noticing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+
+from pki.keys import PrivateKey, PublicKey, sign, verify_signature
+
+from .encoding import b64e, format_time, parse_time, signing_input, utc_now
+from .errors import ProtocolError
+from .fields import Fields
+
+KEMS = ("MLKEM768_X25519", "X25519")
+DEFAULT_KEM = "MLKEM768_X25519"
+LABEL = "keyrecord/v1"
+
+
+class KeyRecordError(Exception):
+    """A key record that must not be used (bad signature, wrong owner, expired, malformed)."""
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    uid: str
+    kem: str
+    public_key: bytes
+    created: dt.datetime
+    expires: dt.datetime
+
+    def to_bytes(self) -> bytes:
+        doc = {"uid": self.uid, "kem": self.kem, "public_key": b64e(self.public_key),
+               "created": format_time(self.created), "expires": format_time(self.expires)}
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    @property
+    def key_id(self) -> str:
+        """A short name for the key: which private key a sealed message needs."""
+        from .encoding import sha256
+
+        return sha256(self.kem.encode(), self.public_key).hex()[:16]
+
+    def sign(self, key: PrivateKey) -> bytes:
+        return sign(key, signing_input(LABEL, self.to_bytes()))
+
+
+def parse_signed_record(record: bytes, signature: bytes, expected_uid: str, owner_key: PublicKey,
+                        now: dt.datetime | None = None) -> KeyRecord:
+    """The record, after checking its signature by ``owner_key``, its UID and its validity period."""
+    if not verify_signature(owner_key, signature, signing_input(LABEL, record)):
+        raise KeyRecordError("signature does not verify against the owner's certificate")
+    try:
+        obj = json.loads(record.decode("utf-8"))
+        if not isinstance(obj, dict):
+            raise ValueError("not an object")
+        f = Fields(obj)
+        rec = KeyRecord(f.uid("uid"), f.str("kem", 32), f.bytes("public_key", 2048),
+                        parse_time(f.str("created", 40)), parse_time(f.str("expires", 40)))
+    except (ValueError, ProtocolError) as exc:
+        raise KeyRecordError(f"malformed key record ({exc})") from None
+    if rec.uid != expected_uid:
+        raise KeyRecordError(f"key record is for {rec.uid}, not {expected_uid}")
+    if rec.kem not in KEMS:
+        raise KeyRecordError(f"unsupported KEM {rec.kem}")
+    if (now or utc_now()) > rec.expires:
+        raise KeyRecordError("key record has expired")
+    return rec

@@ -1,0 +1,131 @@
+"""The relay server: loads its identity and trust, listens, and runs one Session per connection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from pki.errors import KeystoreError, PkiError, ValidationError
+from pki.files import load_certificate_file, load_certificates, load_crl_file, read_bytes
+from pki.keystore import load_keystore, parse_keystore
+from pki.tls import server_context
+from pki.validation import TrustPolicy, check_profile
+
+from .audit import AuditLog
+from .config import ServerConfig
+from .handlers import Handlers
+from .session import Session
+from .store import AsyncStore, SQLiteStore
+
+log = logging.getLogger("msg_relay.server")
+
+
+class RelayServer:
+    """``await start()``, then ``port`` is bound; ``await close()`` stops gracefully."""
+
+    def __init__(self, config: ServerConfig, audit: AuditLog | None = None) -> None:
+        self.config = config
+        self.audit = audit or AuditLog(config.log_file)
+        self.keystore = load_keystore(config.p12, config.passwords)
+        check_profile(self.keystore.cert, "server", config.org_unit)
+        anchors = load_certificate_file(config.ca) if config.ca else self.keystore.ca_certificates()
+        if not anchors:
+            raise PkiError(f"{config.p12} bundles no CA certificate: give --ca ROOT.pem")
+        crls = load_crl_file(config.crl) if config.crl else []
+        self.policy = TrustPolicy(anchors, crls, config.org_unit)
+        # Refuse to start with a certificate our own clients would reject (expired, revoked ...).
+        self.policy.validate(self.keystore.cert, self.keystore.chain, role="server")
+        self.ssl_context = server_context(self.keystore, anchors, crls)
+        self.store = AsyncStore(SQLiteStore(config.db))
+        self.handlers = Handlers(self.store, self.keystore.key, self.keystore.intermediates(),
+                                 [c.public_bytes(Encoding.DER) for c in crls], config.max_frame)
+        self.stopping = False
+        self._server: asyncio.base_events.Server | None = None
+        self._sessions: dict[asyncio.Task[None], Session] = {}
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    async def start(self) -> None:
+        if self.config.users_dir:
+            await self.enroll(Path(self.config.users_dir))
+        self._server = await asyncio.start_server(self._accept, self.config.host, self.config.port,
+                                                  limit=self.config.max_frame + 8)
+        self.audit.event("server_started", host=self.config.host, port=self.port)
+
+    async def enroll(self, directory: Path) -> int:
+        """Register the users whose certificates (or unprotected keystores) lie in ``directory``."""
+        count = 0
+        for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+            if not path.is_file():
+                continue
+            try:
+                data = read_bytes(path)
+                certs = load_certificates(data) or self._keystore_certs(data, path)
+            except PkiError:
+                continue
+            if not certs:
+                continue
+            try:
+                identity = self.policy.validate(certs[0], certs[1:], role="client")
+            except ValidationError as exc:
+                log.info("not enrolling %s: %s", path.name, exc)
+                continue
+            await self.store.call(self.store.store.upsert_user, identity.uid, certs[0].public_bytes(Encoding.DER))
+            count += 1
+        self.audit.event("users_enrolled", directory=str(directory), count=count)
+        return count
+
+    @staticmethod
+    def _keystore_certs(data: bytes, path: Path) -> list[x509.Certificate]:
+        if path.suffix.lower() not in (".p12", ".pfx"):
+            return []
+        try:
+            store = parse_keystore(data, None, str(path))
+        except KeystoreError:
+            return []  # protected keystores are not enrolled
+        return [store.cert, *store.chain]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.stopping or len(self._sessions) >= self.config.max_connections:
+            peer = writer.get_extra_info("peername")
+            self.audit.event("connection_refused", peer=f"{peer[0]}:{peer[1]}" if peer else "?",
+                             reason="shutting down" if self.stopping else "connection limit reached")
+            writer.close()
+            return
+        session = Session(self, reader, writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self._sessions[task] = session
+        try:
+            await session.run()
+        finally:
+            self._sessions.pop(task, None)
+
+    @property
+    def connections(self) -> int:
+        return len(self._sessions)
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Stop accepting, let in-flight requests finish, close idle connections and the store."""
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        for task, session in list(self._sessions.items()):
+            if not session.busy:
+                task.cancel()
+        if self._sessions:
+            await asyncio.wait(list(self._sessions), timeout=grace)
+        for task in list(self._sessions):
+            task.cancel()
+        if self._sessions:
+            await asyncio.wait(list(self._sessions), timeout=1)
+        await asyncio.get_running_loop().run_in_executor(None, self.store.close)
+        self.audit.event("server_stopped")
+        self.audit.close()

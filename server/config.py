@@ -1,0 +1,29 @@
+"""Server settings, with the defaults of DESIGN.md and the issue (port 7777, relay.db, ...)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pki.identity import DEFAULT_ORG_UNIT
+from pki.passwords import PasswordSource
+from protocol.frames import MAX_FRAME
+
+DEFAULT_PORT = 7777
+
+
+@dataclass
+class ServerConfig:
+    p12: str = "certs/MSG_SERVER.p12"
+    passwords: PasswordSource = PasswordSource()
+    ca: str | None = None
+    crl: str | None = None
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    db: str = "relay.db"
+    log_file: str | None = None
+    users_dir: str | None = None
+    max_connections: int = 1000
+    max_frame: int = MAX_FRAME
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    org_unit: str | None = DEFAULT_ORG_UNIT

@@ -1,0 +1,106 @@
+"""Request handlers: what each operation does, given an authenticated peer.
+
+The caller's UID always comes from its TLS certificate (:class:`Peer`), never from a request field;
+a user can read only its own queue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from pki.keys import PrivateKey, PublicKey
+from protocol.envelope import Sealed, verify_submission
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.keyrecord import KeyRecordError, parse_signed_record
+from protocol.messages import (DirectoryRequest, DirectoryResult, GetRequest, GetResult, KeyRecordWire,
+                               PublishKeyRequest, PublishKeyResult, QueueRequest, Request, Result, SendRequest,
+                               SendResult, queue_page)
+from protocol.receipts import Receipt
+
+from .store import AsyncStore, DuplicateMessage
+
+QUEUE_BATCH = 500
+
+
+@dataclass(frozen=True)
+class Peer:
+    """An authenticated connection's identity, fixed at handshake time."""
+
+    uid: str
+    cert: x509.Certificate
+
+    @property
+    def public_key(self) -> PublicKey:
+        return self.cert.public_key()  # type: ignore[return-value]
+
+
+class Handlers:
+    def __init__(self, store: AsyncStore, server_key: PrivateKey, intermediates: list[x509.Certificate],
+                 crls_der: list[bytes], max_frame: int) -> None:
+        self.store = store
+        self.server_key = server_key
+        self.intermediates_der = [c.public_bytes(Encoding.DER) for c in intermediates]
+        self.crls_der = crls_der
+        self.max_frame = max_frame
+
+    async def handle(self, req: Request, peer: Peer) -> Result:
+        if isinstance(req, SendRequest):
+            return await self.send(req, peer)
+        if isinstance(req, QueueRequest):
+            return await self.queue(req, peer)
+        if isinstance(req, GetRequest):
+            return await self.get(req, peer)
+        if isinstance(req, DirectoryRequest):
+            return await self.directory(req)
+        if isinstance(req, PublishKeyRequest):
+            return await self.publish_key(req, peer)
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "unsupported operation", req.id)
+
+    def _sign(self, receipt: Receipt) -> Receipt:
+        return receipt.signed_by(self.server_key)
+
+    async def send(self, req: SendRequest, peer: Peer) -> SendResult:
+        s = self.store.store
+        if await self.store.call(s.get_user, req.to) is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_RECIPIENT, f"unknown recipient {req.to}", req.id)
+        sealed = Sealed(req.envelope_version, req.header, req.envelope)
+        if not verify_submission(peer.public_key, req.signature, req.to, req.msg_id, sealed):
+            raise ProtocolError(ErrorCode.BAD_SIGNATURE,
+                                "submission signature does not verify against your certificate", req.id)
+        try:
+            receipt, _created = await self.store.call(s.add_message, peer.uid, req.to, req.msg_id, sealed, self._sign)
+        except DuplicateMessage:
+            raise ProtocolError(ErrorCode.DUPLICATE, "a different message was already sent with this msg_id",
+                                req.id) from None
+        return SendResult(receipt)
+
+    async def queue(self, req: QueueRequest, peer: Peer) -> Result:
+        entries = await self.store.call(self.store.store.list_unread, peer.uid, req.after, QUEUE_BATCH)
+        page = queue_page(entries, req.id, self.max_frame)
+        if not page.more and len(entries) == QUEUE_BATCH:
+            page = type(page)(page.entries, True)
+        return page
+
+    async def get(self, req: GetRequest, peer: Peer) -> GetResult:
+        msg = await self.store.call(self.store.store.get_message, peer.uid, req.num)
+        if msg is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_MESSAGE, f"no message number {req.num} in your queue", req.id)
+        return GetResult(msg)
+
+    async def directory(self, req: DirectoryRequest) -> DirectoryResult:
+        cert = await self.store.call(self.store.store.get_user, req.uid)
+        if cert is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_USER, f"unknown user {req.uid}", req.id)
+        key = await self.store.call(self.store.store.get_key, req.uid)
+        return DirectoryResult(req.uid, [cert, *self.intermediates_der], key, self.crls_der)
+
+    async def publish_key(self, req: PublishKeyRequest, peer: Peer) -> PublishKeyResult:
+        try:
+            parse_signed_record(req.record, req.signature, peer.uid, peer.public_key)
+        except KeyRecordError as exc:
+            raise ProtocolError(ErrorCode.BAD_SIGNATURE, f"key record refused: {exc}", req.id) from None
+        await self.store.call(self.store.store.put_key, peer.uid, KeyRecordWire(req.record, req.signature))
+        return PublishKeyResult()

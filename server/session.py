@@ -1,0 +1,170 @@
+"""One client connection: TLS handshake, identity check, then pipelined requests in order.
+
+Everything a client sends is hostile until parsed: oversize or broken framing closes the
+connection after one error frame; a bad request gets an error response and the connection goes on;
+an unexpected failure in a handler becomes ``internal`` for that request only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from pki.errors import ValidationError
+from pki.tls import peer_certificate
+from pki.validation import check_profile
+from protocol.errors import ErrorCode, FrameError, ProtocolError
+from protocol.frames import FrameDecoder, decode_payload, encode_frame
+from protocol.messages import error_response, ok_response, parse_request
+
+from .handlers import Peer
+
+if TYPE_CHECKING:
+    from .app import RelayServer
+
+log = logging.getLogger("msg_relay.server")
+READ_CHUNK = 65536
+
+
+class Session:
+    def __init__(self, app: "RelayServer", reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.app = app
+        self.reader = reader
+        self.writer = writer
+        self.peername = writer.get_extra_info("peername")
+        self.addr = f"{self.peername[0]}:{self.peername[1]}" if self.peername else "?"
+        self.peer: Peer | None = None
+        self.busy = False
+
+    async def run(self) -> None:
+        try:
+            if await self._handshake():
+                await self._serve()
+        finally:
+            self.writer.close()
+            try:
+                await asyncio.wait_for(self.writer.wait_closed(), 2)
+            except (OSError, ssl.SSLError, asyncio.TimeoutError):
+                pass  # the peer vanished; nothing left to tell it
+
+    async def _handshake(self) -> bool:
+        cfg = self.app.config
+        audit = self.app.audit
+        try:
+            await self.writer.start_tls(self.app.ssl_context, ssl_handshake_timeout=cfg.handshake_timeout)
+        except ssl.SSLCertVerificationError as exc:
+            audit.event("connection_rejected", peer=self.addr, reason=exc.verify_message or exc.reason)
+            return False
+        except ssl.SSLError as exc:
+            audit.event("connection_rejected", peer=self.addr, reason=exc.reason or str(exc))
+            return False
+        except (asyncio.TimeoutError, TimeoutError):
+            audit.event("connection_rejected", peer=self.addr, reason="handshake timeout")
+            return False
+        except (OSError, EOFError, asyncio.IncompleteReadError) as exc:
+            audit.event("connection_rejected", peer=self.addr, reason=f"handshake aborted ({exc.__class__.__name__})")
+            return False
+        cert = peer_certificate(self.writer.get_extra_info("ssl_object"))
+        try:
+            if cert is None:
+                raise ValidationError("no_certificate", "no client certificate")
+            identity = check_profile(cert, "client", cfg.org_unit)
+        except ValidationError as exc:
+            audit.event("connection_rejected", peer=self.addr, reason=str(exc))
+            await self._send_and_close(error_response(None, ErrorCode.NOT_AUTHORISED, f"certificate rejected: {exc}"))
+            return False
+        self.peer = Peer(identity.uid, cert)
+        await self.app.store.call(self.app.store.store.upsert_user, identity.uid,
+                                  cert.public_bytes(Encoding.DER))
+        audit.event("connection_accepted", peer=self.addr, uid=identity.uid)
+        return True
+
+    async def _send_and_close(self, response: dict) -> None:
+        try:
+            self.writer.write(encode_frame(response, self.app.config.max_frame))
+            await asyncio.wait_for(self.writer.drain(), 5)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError):
+            pass  # best effort: the connection closes either way
+
+    async def _serve(self) -> None:
+        assert self.peer is not None
+        cfg = self.app.config
+        decoder = FrameDecoder(cfg.max_frame)
+        frame_started: float | None = None
+        while not self.app.stopping:
+            if decoder.buffered:
+                frame_started = frame_started or time.monotonic()
+                timeout = max(0.0, cfg.idle_timeout - (time.monotonic() - frame_started))
+            else:
+                frame_started = None
+                timeout = cfg.idle_timeout
+            try:
+                data = await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout)
+            except (asyncio.TimeoutError, TimeoutError):
+                self.app.audit.event("connection_closed", peer=self.addr, uid=self.peer.uid,
+                                     reason="idle timeout" if not decoder.buffered else "incomplete frame timeout")
+                return
+            except (OSError, ssl.SSLError) as exc:
+                self.app.audit.event("connection_closed", peer=self.addr, uid=self.peer.uid,
+                                     reason=f"read error ({exc.__class__.__name__})")
+                return
+            if not data:
+                self.app.audit.event("connection_closed", peer=self.addr, uid=self.peer.uid, reason="peer closed")
+                return
+            try:
+                payloads = decoder.feed(data)
+            except FrameError as exc:
+                self.app.audit.event("frame_rejected", peer=self.addr, uid=self.peer.uid, code=exc.code.value,
+                                     reason=exc.message)
+                await self._send_and_close(error_response(None, exc.code, exc.message))
+                return
+            self.busy = True
+            try:
+                for payload in payloads:
+                    self.writer.write(encode_frame(await self._respond(payload), cfg.max_frame))
+                await self.writer.drain()  # back-pressure: a slow reader slows only itself
+            except (OSError, ssl.SSLError) as exc:
+                self.app.audit.event("connection_closed", peer=self.addr, uid=self.peer.uid,
+                                     reason=f"write error ({exc.__class__.__name__})")
+                return
+            finally:
+                self.busy = False
+
+    async def _respond(self, payload: bytes) -> dict:
+        assert self.peer is not None
+        rid = None
+        op = None
+        try:
+            obj = decode_payload(payload)
+            rid = obj.get("id") if isinstance(obj.get("id"), (str, int)) and not isinstance(obj.get("id"), bool) else None
+            req = parse_request(obj)
+            op = req.op
+            result = await self.app.handlers.handle(req, self.peer)
+            self.app.audit.event("request", peer=self.addr, uid=self.peer.uid, op=op, result="ok",
+                                 size=len(payload), **_audit_fields(req, result))
+            return ok_response(req.id, result)
+        except ProtocolError as exc:
+            self.app.audit.event("request", peer=self.addr, uid=self.peer.uid, op=op, result=exc.code.value,
+                                 size=len(payload), reason=exc.message)
+            return error_response(exc.request_id if exc.request_id is not None else rid, exc.code, exc.message)
+        except Exception:  # noqa: BLE001 - one broken request must not end the connection or the server
+            log.exception("internal error handling %s from %s", op, self.peer.uid)
+            self.app.audit.event("request", peer=self.addr, uid=self.peer.uid, op=op, result="internal")
+            return error_response(rid, ErrorCode.INTERNAL, "internal server error")
+
+
+def _audit_fields(req: object, result: object) -> dict:
+    """Identifiers worth auditing: msg_id, recipient, queue number; never subject or body."""
+    fields: dict = {}
+    for name, key in (("to", "to"), ("msg_id", "msg_id"), ("num", "num"), ("uid", "lookup")):
+        if hasattr(req, name):
+            fields[key] = getattr(req, name)
+    receipt = getattr(result, "receipt", None)
+    if receipt is not None:
+        fields["queue_number"] = receipt.queue_number
+    return fields

@@ -1,0 +1,196 @@
+"""The message store: an interface, and its SQLite implementation.
+
+The interface is small on purpose (a PostgreSQL store for several relay nodes is the scale-out
+path). The store only ever holds routing data, ciphertext and receipts. ``add_message`` returns only
+after the transaction is durable: the acknowledgement of a ``send`` depends on it.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from protocol.encoding import format_time, parse_time, utc_now
+from protocol.envelope import Sealed, ciphertext_digest
+from protocol.fields import Fields
+from protocol.messages import KeyRecordWire, QueueEntry, StoredMessage
+from protocol.receipts import Receipt
+
+SCHEMA_VERSION = 1
+T = TypeVar("T")
+
+
+class DuplicateMessage(Exception):
+    """The sender already submitted a different message under this msg_id."""
+
+
+class MessageStore(abc.ABC):
+    """What the relay needs from storage. Implementations are used from one thread at a time."""
+
+    @abc.abstractmethod
+    def add_message(self, sender: str, recipient: str, msg_id: str, sealed: Sealed,
+                    sign: Callable[[Receipt], Receipt]) -> tuple[Receipt, bool]:
+        """Store durably; returns (receipt, created). A retry of the same submission returns the first
+        receipt with created=False; a different submission under the same msg_id raises DuplicateMessage."""
+
+    @abc.abstractmethod
+    def list_unread(self, uid: str, after: int, limit: int) -> list[QueueEntry]: ...
+
+    @abc.abstractmethod
+    def get_message(self, uid: str, num: int) -> StoredMessage | None:
+        """The message and mark it read (it stays retrievable)."""
+
+    @abc.abstractmethod
+    def upsert_user(self, uid: str, cert_der: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def get_user(self, uid: str) -> bytes | None: ...
+
+    @abc.abstractmethod
+    def put_key(self, uid: str, key: KeyRecordWire) -> None: ...
+
+    @abc.abstractmethod
+    def get_key(self, uid: str) -> KeyRecordWire | None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (uid TEXT PRIMARY KEY, cert BLOB NOT NULL, updated TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS keys (uid TEXT PRIMARY KEY, record BLOB NOT NULL, signature BLOB NOT NULL,
+                                 updated TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS messages (
+    recipient TEXT NOT NULL,
+    num INTEGER NOT NULL,
+    sender TEXT NOT NULL,
+    msg_id TEXT NOT NULL,
+    server_time TEXT NOT NULL,
+    envelope_version INTEGER NOT NULL,
+    header BLOB NOT NULL,
+    envelope BLOB NOT NULL,
+    digest BLOB NOT NULL,
+    receipt TEXT NOT NULL,
+    read INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (recipient, num),
+    UNIQUE (sender, msg_id)
+);
+CREATE INDEX IF NOT EXISTS messages_unread ON messages (recipient, read, num);
+"""
+
+
+class StoreError(Exception):
+    """The database cannot be opened or has an unknown schema."""
+
+
+class SQLiteStore(MessageStore):
+    """SQLite in WAL mode with ``synchronous=FULL``: a committed send survives a crash or power cut."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.executescript(_SCHEMA)
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise StoreError(f"{path}: schema version {row[0]}, this server knows {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{path}: cannot open database ({exc})") from None
+
+    def add_message(self, sender: str, recipient: str, msg_id: str, sealed: Sealed,
+                    sign: Callable[[Receipt], Receipt]) -> tuple[Receipt, bool]:
+        digest = ciphertext_digest(sealed)
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT digest, receipt FROM messages WHERE sender=? AND msg_id=?",
+                             (sender, msg_id)).fetchone()
+            if row is not None:
+                db.execute("ROLLBACK")
+                if bytes(row[0]) != digest:
+                    raise DuplicateMessage(msg_id)
+                return _receipt(row[1]), False
+            (num,) = db.execute("SELECT COALESCE(MAX(num), 0) + 1 FROM messages WHERE recipient=?",
+                                (recipient,)).fetchone()
+            receipt = sign(Receipt(msg_id, sender, recipient, digest, utc_now(), num))
+            db.execute(
+                "INSERT INTO messages (recipient, num, sender, msg_id, server_time, envelope_version, header,"
+                " envelope, digest, receipt) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (recipient, num, sender, msg_id, format_time(receipt.server_time), sealed.version, sealed.header,
+                 sealed.envelope, digest, json.dumps(receipt.to_wire())))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return receipt, True
+
+    def list_unread(self, uid: str, after: int, limit: int) -> list[QueueEntry]:
+        rows = self.db.execute(
+            "SELECT num, sender, server_time, envelope_version, header FROM messages"
+            " WHERE recipient=? AND read=0 AND num>? ORDER BY num LIMIT ?", (uid, after, limit)).fetchall()
+        return [QueueEntry(r[0], r[1], parse_time(r[2]), r[3], bytes(r[4])) for r in rows]
+
+    def get_message(self, uid: str, num: int) -> StoredMessage | None:
+        row = self.db.execute(
+            "SELECT num, sender, recipient, msg_id, server_time, envelope_version, header, envelope, receipt, read"
+            " FROM messages WHERE recipient=? AND num=?", (uid, num)).fetchone()
+        if row is None:
+            return None
+        if not row[9]:
+            self.db.execute("UPDATE messages SET read=1 WHERE recipient=? AND num=?", (uid, num))
+        return StoredMessage(row[0], row[1], row[2], row[3], parse_time(row[4]), row[5], bytes(row[6]),
+                             bytes(row[7]), _receipt(row[8]), bool(row[9]))
+
+    def upsert_user(self, uid: str, cert_der: bytes) -> None:
+        self.db.execute("INSERT INTO users (uid, cert, updated) VALUES (?,?,?) ON CONFLICT(uid) DO UPDATE"
+                        " SET cert=excluded.cert, updated=excluded.updated WHERE users.cert != excluded.cert",
+                        (uid, cert_der, format_time(utc_now())))
+
+    def get_user(self, uid: str) -> bytes | None:
+        row = self.db.execute("SELECT cert FROM users WHERE uid=?", (uid,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def put_key(self, uid: str, key: KeyRecordWire) -> None:
+        self.db.execute("INSERT INTO keys (uid, record, signature, updated) VALUES (?,?,?,?) ON CONFLICT(uid)"
+                        " DO UPDATE SET record=excluded.record, signature=excluded.signature, updated=excluded.updated",
+                        (uid, key.record, key.signature, format_time(utc_now())))
+
+    def get_key(self, uid: str) -> KeyRecordWire | None:
+        row = self.db.execute("SELECT record, signature FROM keys WHERE uid=?", (uid,)).fetchone()
+        return KeyRecordWire(bytes(row[0]), bytes(row[1])) if row else None
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _receipt(text: str) -> Receipt:
+    return Receipt.from_wire(Fields(json.loads(text)))
+
+
+class AsyncStore:
+    """Runs a :class:`MessageStore` on one dedicated thread, so disk syncs never block the event loop."""
+
+    def __init__(self, store: MessageStore) -> None:
+        self.store = store
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.store.close()
+
+
+__all__ = ["AsyncStore", "DuplicateMessage", "MessageStore", "SQLiteStore", "StoreError"]
