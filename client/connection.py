@@ -74,6 +74,7 @@ class RelayClient:
         self._pending: deque[bytes] = deque()
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
+        self._answered = False
         self._ctx = client_context(keystore, self.anchors, self.crls)
 
     @property
@@ -128,18 +129,26 @@ class RelayClient:
             try:
                 data = await asyncio.wait_for(self._reader.read(65536), self.timeout)
             except ssl.SSLError as exc:
-                raise (_rejection(exc) or ClientError(f"TLS error from the relay ({exc.reason or exc})")) from None
+                raise (_rejection(exc) or self._lost(f"TLS error: {exc.reason or exc}")) from None
             except (asyncio.TimeoutError, TimeoutError):
                 raise ClientError("the relay did not answer in time") from None
             except OSError as exc:
-                raise ClientError(f"connection to the relay failed ({exc.strerror or exc})") from None
+                raise self._lost(exc.strerror or str(exc)) from None
             if not data:
-                raise ClientError("the relay closed the connection")
+                raise self._lost("connection closed")
             try:
                 self._pending.extend(self._decoder.feed(data))
             except FrameError as exc:
                 raise ClientError(f"bad response from the relay: {exc.message}") from None
+        self._answered = True
         return self._pending.popleft()
+
+    def _lost(self, detail: str) -> ClientError:
+        if not self._answered:
+            # TLS 1.3: the server checks our certificate after our side of the handshake is done, so
+            # its refusal (an alert, or just a close) arrives on our first read.
+            return ServerRejected(f"the relay did not accept our certificate ({detail})")
+        return ClientError(f"connection to the relay lost ({detail})")
 
     async def _roundtrip(self, requests: Sequence[Request]) -> list[dict[str, Any]]:
         if self._writer is None:

@@ -32,3 +32,23 @@ def fresh_ca(tmp_path: Path) -> CertificateAuthority:
 @pytest.fixture(scope="session")
 def alice(demo_dir: Path):
     return load_keystore(demo_dir / "MSG_CLI1.p12")
+
+
+@pytest.fixture()
+def relay(demo_dir: Path, tmp_path: Path):
+    """A real relay with the demo PKI and a fresh database, stopped after the test."""
+    from .harness import ServerThread, server_config
+
+    server = ServerThread(server_config(demo_dir, tmp_path)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def user(demo_dir: Path, tmp_path: Path):
+    """``user("MSG_CLI1")`` -> (keystore path, state dir) for the CLI helpers."""
+
+    def make(uid: str) -> tuple[Path, Path]:
+        return demo_dir / f"{uid}.p12", tmp_path / "state" / uid
+
+    return make

@@ -1,0 +1,100 @@
+"""A real relay on 127.0.0.1 (port 0) in a background thread, and helpers to drive the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from client.cli import main as client_main
+from server.app import RelayServer
+from server.audit import AuditLog
+from server.config import ServerConfig
+
+
+class ServerThread:
+    """Runs a RelayServer on its own event loop; ``stop()`` closes it gracefully."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = replace(config, host="127.0.0.1", port=0)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: RelayServer | None = None
+
+    def start(self) -> "ServerThread":
+        self.thread.start()
+        self.server = self.call(self._create())
+        return self
+
+    async def _create(self) -> RelayServer:
+        server = RelayServer(self.config, AuditLog(self.config.log_file))
+        await server.start()
+        return server
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.port
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.call(self.server.close(grace=5))
+            self.server = None
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def server_config(demo_dir: Path, tmp: Path, **kw: Any) -> ServerConfig:
+    base = dict(p12=str(demo_dir / "MSG_SERVER.p12"), crl=str(demo_dir / "ca" / "crl.pem"),
+                users_dir=str(demo_dir), db=str(tmp / "relay.db"), log_file=str(tmp / "audit.log"))
+    base.update(kw)
+    return ServerConfig(**base)
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+    out_bytes: bytes
+
+
+class _Stdin:
+    def __init__(self, data: bytes) -> None:
+        self.buffer = io.BytesIO(data)
+
+    def isatty(self) -> bool:
+        return False
+
+
+def run_client(server: ServerThread | str, keystore: Path, *args: str, stdin: bytes = b"",
+               state: Path | None = None, extra: Sequence[str] = ()) -> Result:
+    """msg-client in-process, with stdin/stdout/stderr captured."""
+    address = server if isinstance(server, str) else server.address
+    argv = ["--server", address, "--p12", str(keystore)]
+    if state is not None:
+        argv += ["--state-dir", str(state)]
+    argv += [*extra, *args]
+    out, err = io.BytesIO(), io.StringIO()
+    old = sys.stdin, sys.stdout, sys.stderr
+    stdout = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
+    sys.stdin, sys.stdout, sys.stderr = _Stdin(stdin), stdout, err  # type: ignore[assignment]
+    try:
+        code = client_main(argv)
+    finally:
+        sys.stdin, sys.stdout, sys.stderr = old
+    raw = out.getvalue()
+    return Result(code, raw.decode("utf-8", "replace"), err.getvalue(), raw)
