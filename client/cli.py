@@ -26,6 +26,7 @@ from pki.validation import TrustPolicy
 from protocol.encoding import format_time
 from protocol.envelope import MAX_BODY, VerificationError, check_subject
 from protocol.errors import ErrorCode
+from protocol.keyrecord import DEFAULT_KEM, KEMS
 from protocol.messages import RemoteError
 
 from .connection import ClientError, RelayClient
@@ -43,6 +44,7 @@ commands:
   askqueue               list unread messages: <NUM>:<SENDER>:<TIME>:<SUBJECT>
   getmsg <NUM>           print message NUM and mark it read
   receipts               list the relay's receipts for messages you sent
+  rotate-key             make and publish a new encryption key (old ones kept for unread mail)
   help                   this text
 
 options:
@@ -52,6 +54,7 @@ options:
   --crl FILE             CA's CRL for checking senders (default: the one the relay publishes)
   --password-file FILE   keystore password (or MSG_RELAY_PASSWORD, or a prompt)
   --state-dir DIR        local state (default ~/.local/share/msg-relay/<UID>)
+  --kem KEM              encryption key type for new keys: MLKEM768_X25519 (default) or X25519
   --verbose, -v          details of errors and debug logging"""
 
 log = logging.getLogger("msg_relay.client")
@@ -75,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--password-file")
     p.add_argument("--state-dir")
     p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--kem", default=DEFAULT_KEM, choices=KEMS)
     p.add_argument("--verbose", "-v", action="store_true")
     p.add_argument("command", nargs="?")
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -106,7 +110,7 @@ def _read_body() -> bytes:
 
 
 def _validate_command(command: str | None, args: list[str]) -> None:
-    arity = {"send": 2, "askqueue": 0, "getmsg": 1, "receipts": 0, "help": 0}
+    arity = {"send": 2, "askqueue": 0, "getmsg": 1, "receipts": 0, "rotate-key": 0, "help": 0}
     if command not in arity or len(args) != arity[command]:
         raise CommandError(f"bad command {command!r}")
     if command == "send" and not is_valid_uid(args[0]):
@@ -137,7 +141,12 @@ async def _run(opts: argparse.Namespace) -> int:
             raise ClientError(f"bad subject: {exc}") from None
         body = _read_body()
     async with RelayClient(store, host, port, anchors, crls, timeout=opts.timeout) as client:
-        mailbox = Mailbox(client, state, TrustPolicy(anchors, crls))
+        mailbox = Mailbox(client, state, TrustPolicy(anchors, crls), opts.kem)
+        if opts.command == "rotate-key":
+            key = await mailbox.rotate_key()
+            print(f"new {key.record.kem} encryption key {key.record.key_id} published")
+            return 0
+        await mailbox.ensure_published()
         if opts.command == "send":
             receipt = await mailbox.send(opts.args[0], opts.args[1], body)
             print(f"sent {receipt.msg_id} to {receipt.recipient} at {format_time(receipt.server_time)}")

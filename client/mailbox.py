@@ -15,12 +15,14 @@ from cryptography import x509
 from pki.errors import ValidationError
 from pki.validation import TrustPolicy
 from protocol.encoding import utc_now
-from protocol.envelope import (InnerMessage, OpenedMessage, Sealed, VerificationError, ciphertext_digest,
-                               open_envelope, read_subject, seal)
-from protocol.messages import QueueEntry, StoredMessage
+from protocol.envelope import (ENVELOPE_V2, KEY_ID_LEN, InnerMessage, OpenedMessage, Sealed, VerificationError,
+                               ciphertext_digest, open_envelope, read_subject, seal)
+from protocol.keyrecord import DEFAULT_KEM, KeyRecord, KeyRecordError, parse_signed_record
+from protocol.messages import DirectoryResult, QueueEntry, StoredMessage
 from protocol.receipts import Receipt
 
-from .connection import RelayClient
+from .connection import ClientError, RelayClient
+from .keys import Keyring, OwnKey
 from .state import ClientState
 
 
@@ -39,11 +41,41 @@ class ReadMessage:
     receipt: Receipt
 
 
+class NoRecipientKey(ClientError):
+    """The recipient has not published a usable encryption key: nothing can be sealed for it."""
+
+
 class Mailbox:
-    def __init__(self, client: RelayClient, state: ClientState, policy: TrustPolicy) -> None:
+    def __init__(self, client: RelayClient, state: ClientState, policy: TrustPolicy, kem: str = DEFAULT_KEM) -> None:
         self.client = client
         self.state = state
         self.policy = policy
+        self.kem = kem
+        self.keyring = Keyring(state, client.uid)
+
+    async def ensure_published(self) -> OwnKey:
+        """Make our encryption key on first use, and publish it whenever the relay lacks it."""
+        key = self.keyring.ensure(self.client.keystore.key, self.kem)
+        entry = await self.client.directory(self.uid)
+        if entry.key is None or entry.key.record != key.record.to_bytes() or entry.key.signature != key.signature:
+            await self.client.publish_key(key.record.to_bytes(), key.signature)
+        return key
+
+    async def rotate_key(self) -> OwnKey:
+        key = self.keyring.rotate(self.client.keystore.key, self.kem)
+        await self.client.publish_key(key.record.to_bytes(), key.signature)
+        return key
+
+    async def recipient_key(self, uid: str) -> KeyRecord:
+        """The recipient's key record, after validating its certificate now and the record's signature."""
+        cert, entry = await self.validated_certificate(uid, utc_now())
+        if entry.key is None:
+            raise NoRecipientKey(f"{uid} has not published an encryption key yet (a key is published the first "
+                                 f"time {uid} runs msg-client): nothing sent")
+        try:
+            return parse_signed_record(entry.key.record, entry.key.signature, uid, cert.public_key())  # type: ignore[arg-type]
+        except KeyRecordError as exc:
+            raise VerificationError(f"encryption key of {uid} refused: {exc}") from None
 
     @property
     def uid(self) -> str:
@@ -55,9 +87,10 @@ class Mailbox:
             raise VerificationError("receipt is not signed by the relay (MSG_SERVER)")
 
     async def send(self, to: str, subject: str, body: bytes) -> Receipt:
+        record = await self.recipient_key(to)
         msg_id = secrets.token_hex(16)
         inner = InnerMessage(self.uid, to, msg_id, utc_now(), subject, body)
-        sealed = seal(inner, self.client.keystore.key)
+        sealed = seal(inner, self.client.keystore.key, record)
         receipt = await self.client.send(to, msg_id, sealed)
         self._check_receipt(receipt)
         if (receipt.msg_id, receipt.sender, receipt.recipient, receipt.digest) != \
@@ -67,19 +100,21 @@ class Mailbox:
         return receipt
 
     async def queue(self) -> list[QueueLine]:
-        lines = []
-        for e in await self.client.queue():
-            lines.append(QueueLine(e.num, e.sender, e.server_time, self._subject(e)))
+        entries = await self.client.queue()
+        lines = [QueueLine(e.num, e.sender, e.server_time, self._subject(e)) for e in entries]
+        needed = {e.header[:KEY_ID_LEN].hex() for e in entries if e.envelope_version == ENVELOPE_V2}
+        self.keyring.retire_unused(needed)
         return lines
 
     def _subject(self, entry: QueueEntry) -> str | None:
         try:
-            return read_subject(entry.envelope_version, entry.header)
+            return read_subject(entry.envelope_version, entry.header, reader=self.uid, sender=entry.sender,
+                                msg_id=entry.msg_id, keyring=self.keyring)
         except VerificationError:
             return None
 
-    async def sender_certificate(self, uid: str, at: dt.datetime) -> x509.Certificate:
-        """The sender's certificate from the directory, validated at ``at`` (the receipt's time)."""
+    async def validated_certificate(self, uid: str, at: dt.datetime) -> tuple[x509.Certificate, DirectoryResult]:
+        """A user's certificate from the directory, validated at ``at`` (now, or a receipt's time)."""
         entry = await self.client.directory(uid)
         try:
             certs = [x509.load_der_x509_certificate(c) for c in entry.chain]
@@ -103,7 +138,7 @@ class Mailbox:
             raise VerificationError(f"sender certificate rejected: {exc}") from None
         if identity.uid != uid:
             raise VerificationError(f"directory certificate is for {identity.uid}, not {uid}")
-        return certs[0]
+        return certs[0], entry
 
     async def read(self, num: int) -> ReadMessage:
         msg: StoredMessage = await self.client.get(num)
@@ -114,9 +149,9 @@ class Mailbox:
         if (receipt.recipient, receipt.queue_number, receipt.digest, receipt.sender, receipt.msg_id) != \
                 (self.uid, msg.num, digest, msg.sender, msg.msg_id):
             raise VerificationError("receipt does not match the stored message")
-        cert = await self.sender_certificate(receipt.sender, receipt.server_time)
+        cert, _ = await self.validated_certificate(receipt.sender, receipt.server_time)
         opened: OpenedMessage = open_envelope(sealed, reader=self.uid, sender=receipt.sender, msg_id=receipt.msg_id,
-                                              sender_key=cert.public_key())  # type: ignore[arg-type]
+                                              sender_key=cert.public_key(), keyring=self.keyring)  # type: ignore[arg-type]
         if not self.state.check_and_remember(receipt.sender, receipt.msg_id, msg.num, digest):
             raise VerificationError(f"replayed message: {receipt.msg_id} from {receipt.sender} was seen before")
         return ReadMessage(msg.num, opened.inner, receipt)

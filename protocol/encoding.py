@@ -64,3 +64,25 @@ def parse_time(text: object, field: str = "time") -> dt.datetime:
         return dt.datetime.fromisoformat(text[:-1]).replace(tzinfo=dt.timezone.utc)
     except ValueError:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"{field} must be an RFC 3339 UTC time") from None
+
+
+def pack(*fields: bytes) -> bytes:
+    """Length-prefixed concatenation (the binary layout inside sealed envelopes)."""
+    return b"".join(struct.pack(">I", len(f)) + f for f in fields)
+
+
+def unpack(data: bytes, count: int) -> list[bytes]:
+    """Exactly ``count`` fields written by :func:`pack`, consuming all of ``data``; else ValueError."""
+    out, pos = [], 0
+    for _ in range(count):
+        if pos + 4 > len(data):
+            raise ValueError("truncated field")
+        (n,) = struct.unpack_from(">I", data, pos)
+        pos += 4
+        if pos + n > len(data):
+            raise ValueError("truncated field")
+        out.append(data[pos:pos + n])
+        pos += n
+    if pos != len(data):
+        raise ValueError("trailing bytes")
+    return out

@@ -4,8 +4,15 @@ The relay never looks inside: it stores ``header`` (what ``queue`` shows) and ``
 ``get`` returns) as opaque bytes with their ``envelope_version``. Only clients call this module.
 
 Version 1 signs the inner message ``{from, to, msg_id, sent_at, subject, body}`` with the sender's
-certificate key; the outer *submission* signature covers (recipient, msg_id, version, header,
-envelope) so the relay can refuse forged submissions without reading them.
+certificate key (authentic, readable by the relay). Version 2, what clients send, also seals it:
+
+    header   = key_id(8) || HPKE(recipient key, subject,                 info = v2/header + from,to,msg_id)
+    envelope = key_id(8) || HPKE(recipient key, inner fields + signature, info = v2/body   + from,to,msg_id)
+
+``key_id`` names which of the recipient's published keys was used (it rotates keys). The ``info``
+binding makes an envelope fail to open when it is moved to another recipient, or attributed to
+another sender or msg_id. The outer *submission* signature covers (recipient, msg_id, version,
+header, envelope) so the relay can refuse forged submissions without reading them.
 """
 
 from __future__ import annotations
@@ -13,18 +20,22 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pki.keys import PrivateKey, PublicKey, sign, verify_signature
 
-from .encoding import b64d, b64e, format_time, parse_time, sha256, signing_input
+from . import hpke
+from .encoding import b64d, b64e, format_time, pack, parse_time, sha256, signing_input, unpack
 from .errors import ProtocolError
 from .fields import Fields
+from .keyrecord import KeyRecord
 
 MAX_BODY = 1000
 MAX_SUBJECT = 200
 ENVELOPE_V1 = 1
-SUPPORTED_VERSIONS = (ENVELOPE_V1,)
+ENVELOPE_V2 = 2
+SUPPORTED_VERSIONS = (ENVELOPE_V1, ENVELOPE_V2)
+KEY_ID_LEN = 8
 
 
 class VerificationError(Exception):
@@ -96,11 +107,42 @@ def _load(data: bytes, what: str) -> Fields:
     return Fields(obj)
 
 
-def seal(inner: InnerMessage, sender_key: PrivateKey) -> Sealed:
-    """Version 1: the inner message signed by the sender (authentic, not confidential)."""
+class Keyring(Protocol):
+    """The reader's private HPKE keys, by key id (its current key and the not yet retired ones)."""
+
+    def private_key(self, key_id: str) -> tuple[str, bytes] | None: ...
+
+
+def _info(part: str, sender: str, recipient: str, msg_id: str) -> bytes:
+    return signing_input(f"seal/v2/{part}", sender, recipient, msg_id)
+
+
+def _inner_v2_signed(inner: InnerMessage) -> bytes:
+    return signing_input("inner/v2", inner.sender, inner.recipient, inner.msg_id, format_time(inner.sent_at),
+                         inner.subject, inner.body)
+
+
+def seal(inner: InnerMessage, sender_key: PrivateKey, recipient_key: KeyRecord | None = None) -> Sealed:
+    """Version 2 (signed and sealed) for a recipient's key record; version 1 (signed only) without."""
     if len(inner.body) > MAX_BODY:
         raise ValueError(f"message body longer than {MAX_BODY} bytes")
     check_subject(inner.subject)
+    if recipient_key is None:
+        return _seal_v1(inner, sender_key)
+    if recipient_key.uid != inner.recipient:
+        raise ValueError("key record belongs to another user")
+    key_id = bytes.fromhex(recipient_key.key_id)
+    signature = sign(sender_key, _inner_v2_signed(inner))
+    ids = (inner.sender, inner.recipient, inner.msg_id)
+    header = key_id + hpke.seal(recipient_key.kem, recipient_key.public_key, inner.subject.encode(),
+                                _info("header", *ids))
+    plain = pack(inner.sender.encode(), inner.recipient.encode(), inner.msg_id.encode(),
+                 format_time(inner.sent_at).encode(), inner.subject.encode(), inner.body, signature)
+    envelope = key_id + hpke.seal(recipient_key.kem, recipient_key.public_key, plain, _info("body", *ids))
+    return Sealed(ENVELOPE_V2, header, envelope)
+
+
+def _seal_v1(inner: InnerMessage, sender_key: PrivateKey) -> Sealed:
     data = inner.to_bytes()
     signature = sign(sender_key, signing_input("inner/v1", data))
     envelope = _json({"inner": b64e(data), "signature": b64e(signature)})
@@ -108,8 +150,27 @@ def seal(inner: InnerMessage, sender_key: PrivateKey) -> Sealed:
     return Sealed(ENVELOPE_V1, header, envelope)
 
 
-def read_subject(version: int, header: bytes) -> str:
+def _open_v2(blob: bytes, part: str, keyring: Keyring | None, ids: tuple[str, str, str]) -> bytes:
+    if keyring is None or len(blob) <= KEY_ID_LEN:
+        raise VerificationError("sealed message but no key to open it")
+    found = keyring.private_key(blob[:KEY_ID_LEN].hex())
+    if found is None:
+        raise VerificationError("sealed to an encryption key we do not have (retired or never ours)")
+    try:
+        return hpke.open_sealed(found[0], found[1], blob[KEY_ID_LEN:], _info(part, *ids))
+    except hpke.HpkeError as exc:
+        raise VerificationError(str(exc)) from None
+
+
+def read_subject(version: int, header: bytes, *, reader: str = "", sender: str = "", msg_id: str = "",
+                 keyring: Keyring | None = None) -> str:
     """The subject shown by ``askqueue`` (checked against the signed copy when the message is read)."""
+    if version == ENVELOPE_V2:
+        raw = _open_v2(header, "header", keyring, (sender, reader, msg_id))
+        try:
+            return check_subject(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise VerificationError(f"header malformed: {exc}") from None
     if version != ENVELOPE_V1:
         raise VerificationError(f"unsupported envelope version {version}")
     try:
@@ -118,14 +179,33 @@ def read_subject(version: int, header: bytes) -> str:
         raise VerificationError(f"header malformed: {exc}") from None
 
 
-def open_envelope(sealed: Sealed, *, reader: str, sender: str, msg_id: str, sender_key: PublicKey) -> OpenedMessage:
+def open_envelope(sealed: Sealed, *, reader: str, sender: str, msg_id: str, sender_key: PublicKey,
+                  keyring: Keyring | None = None) -> OpenedMessage:
     """Every check of DESIGN.md §5 that needs no local state: signature, addressee, sender, msg_id.
 
     ``sender`` and ``msg_id`` come from the relay's signed receipt, ``sender_key`` from the sender's
     certificate, which the caller has validated at the receipt's server time.
     """
-    if sealed.version != ENVELOPE_V1:
+    if sealed.version == ENVELOPE_V2:
+        inner = _open_inner_v2(sealed, reader, sender, msg_id, sender_key, keyring)
+    elif sealed.version == ENVELOPE_V1:
+        inner = _open_inner_v1(sealed, sender_key)
+    else:
         raise VerificationError(f"unsupported envelope version {sealed.version}")
+    if inner.recipient != reader:
+        raise VerificationError(f"message is addressed to {inner.recipient}, not to {reader}")
+    if inner.sender != sender:
+        raise VerificationError(f"message claims sender {inner.sender} but was submitted by {sender}")
+    if inner.msg_id != msg_id:
+        raise VerificationError("message id inside the envelope does not match the relay's")
+    subject = read_subject(sealed.version, sealed.header, reader=reader, sender=sender, msg_id=msg_id,
+                           keyring=keyring)
+    if subject != inner.subject:
+        raise VerificationError("subject shown in the queue differs from the signed subject")
+    return OpenedMessage(inner)
+
+
+def _open_inner_v1(sealed: Sealed, sender_key: PublicKey) -> InnerMessage:
     f = _load(sealed.envelope, "envelope")
     try:
         data, signature = b64d(f.obj.get("inner"), "inner"), b64d(f.obj.get("signature"), "signature")
@@ -133,16 +213,23 @@ def open_envelope(sealed: Sealed, *, reader: str, sender: str, msg_id: str, send
         raise VerificationError(str(exc)) from None
     if not verify_signature(sender_key, signature, signing_input("inner/v1", data)):
         raise VerificationError("inner signature does not verify against the sender's certificate")
-    inner = InnerMessage.from_bytes(data)
-    if inner.recipient != reader:
-        raise VerificationError(f"message is addressed to {inner.recipient}, not to {reader}")
-    if inner.sender != sender:
-        raise VerificationError(f"message claims sender {inner.sender} but was submitted by {sender}")
-    if inner.msg_id != msg_id:
-        raise VerificationError("message id inside the envelope does not match the relay's")
-    if read_subject(sealed.version, sealed.header) != inner.subject:
-        raise VerificationError("subject shown in the queue differs from the signed subject")
-    return OpenedMessage(inner)
+    return InnerMessage.from_bytes(data)
+
+
+def _open_inner_v2(sealed: Sealed, reader: str, sender: str, msg_id: str, sender_key: PublicKey,
+                   keyring: Keyring | None) -> InnerMessage:
+    plain = _open_v2(sealed.envelope, "body", keyring, (sender, reader, msg_id))
+    try:
+        f_from, f_to, f_id, f_sent, f_subject, body, signature = unpack(plain, 7)
+        inner = InnerMessage(f_from.decode(), f_to.decode(), f_id.decode(), parse_time(f_sent.decode()),
+                             check_subject(f_subject.decode()), body)
+    except (ValueError, UnicodeDecodeError, ProtocolError) as exc:
+        raise VerificationError(f"inner message malformed: {exc}") from None
+    if len(inner.body) > MAX_BODY:
+        raise VerificationError(f"message body longer than {MAX_BODY} bytes")
+    if not verify_signature(sender_key, signature, _inner_v2_signed(inner)):
+        raise VerificationError("inner signature does not verify against the sender's certificate")
+    return inner
 
 
 # ---------------------------------------------------------------------- the outer submission signature

@@ -154,17 +154,19 @@ def request_to_wire(req: Request) -> dict[str, Any]:
 class QueueEntry:
     num: int
     sender: str
+    msg_id: str
     server_time: dt.datetime
     envelope_version: int
     header: bytes
 
     def to_wire(self) -> dict[str, Any]:
-        return {"num": self.num, "from": self.sender, "server_time": format_time(self.server_time),
-                "envelope_version": self.envelope_version, "header": b64e(self.header)}
+        return {"num": self.num, "from": self.sender, "msg_id": self.msg_id,
+                "server_time": format_time(self.server_time), "envelope_version": self.envelope_version,
+                "header": b64e(self.header)}
 
     @classmethod
     def from_wire(cls, f: Fields) -> "QueueEntry":
-        return cls(f.int("num", 1), f.uid("from"), parse_time(f.str("server_time", 40)),
+        return cls(f.int("num", 1), f.uid("from"), f.msg_id(), parse_time(f.str("server_time", 40)),
                    f.int("envelope_version", 1, 255), f.bytes("header", MAX_HEADER))
 
 
@@ -184,16 +186,16 @@ class StoredMessage:
     read: bool = False
 
     def entry(self) -> QueueEntry:
-        return QueueEntry(self.num, self.sender, self.server_time, self.envelope_version, self.header)
+        return QueueEntry(self.num, self.sender, self.msg_id, self.server_time, self.envelope_version, self.header)
 
     def to_wire(self) -> dict[str, Any]:
-        return {**self.entry().to_wire(), "to": self.recipient, "msg_id": self.msg_id,
+        return {**self.entry().to_wire(), "to": self.recipient,
                 "envelope": b64e(self.envelope), "receipt": self.receipt.to_wire(), "read": self.read}
 
     @classmethod
     def from_wire(cls, f: Fields) -> "StoredMessage":
         e = QueueEntry.from_wire(f)
-        return cls(e.num, e.sender, f.uid("to"), f.msg_id(), e.server_time, e.envelope_version, e.header,
+        return cls(e.num, e.sender, f.uid("to"), e.msg_id, e.server_time, e.envelope_version, e.header,
                    f.bytes("envelope", MAX_ENVELOPE), Receipt.from_wire(f.object("receipt")), f.bool("read"))
 
 

@@ -99,7 +99,7 @@ def test_request_validation(obj, code):
 
 
 def test_queue_page_fits_a_frame():
-    entries = [QueueEntry(i, "ALICE", dt.datetime.now(dt.timezone.utc), 1, b"x" * 1500) for i in range(1, 30)]
+    entries = [QueueEntry(i, "ALICE", "a" * 32, dt.datetime.now(dt.timezone.utc), 1, b"x" * 1500) for i in range(1, 30)]
     page = queue_page(entries, 1, MAX_FRAME)
     assert page.more and 0 < len(page.entries) < len(entries)
     from protocol.messages import ok_response

@@ -35,6 +35,7 @@ def cli(relay, user, uid, *args):
 
 
 def test_round_trip(relay, user):
+    assert cli(relay, user, "MSG_CLI2", "askqueue").out == ""  # first run publishes MSG_CLI2's key
     r = send(relay, user, "MSG_CLI1", "MSG_CLI2", "first subject", b"line one\nline two\n")
     assert r.code == 0 and r.out.startswith("sent ") and "MSG_CLI2" in r.out
     r = cli(relay, user, "MSG_CLI2", "askqueue")
@@ -60,6 +61,7 @@ def test_exact_error_strings_and_exit_codes(relay, user):
 
 
 def test_body_of_1001_bytes_refused_nothing_stored(relay, user):
+    cli(relay, user, "MSG_CLI2", "askqueue")
     r = send(relay, user, "MSG_CLI1", "MSG_CLI2", "big", b"x" * 1001)
     assert r.code == 1 and "1000" in r.err and "Traceback" not in r.err
     assert cli(relay, user, "MSG_CLI2", "askqueue").out == ""
@@ -68,7 +70,9 @@ def test_body_of_1001_bytes_refused_nothing_stored(relay, user):
 
 def test_unknown_recipient_and_bad_subject(relay, user):
     r = send(relay, user, "MSG_CLI1", "NOBODY", "s")
-    assert r.code == 1 and "unknown recipient" in r.err
+    assert r.code == 1 and "unknown user NOBODY" in r.err and r.err.count("\n") == 1
+    r = send(relay, user, "MSG_CLI1", "MSG_CLI3", "s")
+    assert r.code == 1 and "has not published an encryption key" in r.err
     r = send(relay, user, "MSG_CLI1", "MSG_CLI2", "evil\x1b[2Jsubject")
     assert r.code == 1 and "control characters" in r.err
 
@@ -76,6 +80,7 @@ def test_unknown_recipient_and_bad_subject(relay, user):
 def test_restart_keeps_messages(demo_dir, tmp_path, user):
     cfg = server_config(demo_dir, tmp_path)
     first = ServerThread(cfg).start()
+    cli(first, user, "MSG_CLI3", "askqueue")
     assert send(first, user, "MSG_CLI1", "MSG_CLI3", "persist").code == 0
     first.stop()
     second = ServerThread(cfg).start()
@@ -88,6 +93,7 @@ def test_restart_keeps_messages(demo_dir, tmp_path, user):
 
 
 def test_cannot_read_another_users_queue(relay, user):
+    cli(relay, user, "MSG_CLI2", "askqueue")
     assert send(relay, user, "MSG_CLI1", "MSG_CLI2", "private").code == 0
     assert cli(relay, user, "MSG_CLI3", "askqueue").out == ""
     r = cli(relay, user, "MSG_CLI3", "getmsg", "1")
@@ -109,6 +115,12 @@ def test_fifty_concurrent_clients(relay, demo_dir, tmp_path):
             return await box.send("MSG_CLI2", f"msg {i}", f"body {i}".encode())
 
     async def all_of_them():
+        from client.mailbox import Mailbox
+        from client.state import ClientState
+        from pki.validation import TrustPolicy
+
+        async with RelayClient(ks["MSG_CLI2"], "127.0.0.1", relay.port, anchors) as c:
+            await Mailbox(c, ClientState(tmp_path / "bob"), TrustPolicy(anchors)).ensure_published()
         return await asyncio.gather(*(one(i) for i in range(50)))
 
     receipts = asyncio.run(all_of_them())
@@ -356,6 +368,7 @@ def test_connection_limit(demo_dir, tmp_path):
 
 
 def test_audit_log_has_no_content(relay, user, tmp_path):
+    cli(relay, user, "MSG_CLI2", "askqueue")
     assert send(relay, user, "MSG_CLI1", "MSG_CLI2", "SECRET-SUBJECT-TOKEN", b"SECRET-BODY-TOKEN").code == 0
     cli(relay, user, "MSG_CLI2", "getmsg", "1")
     log = (tmp_path / "audit.log").read_text()

@@ -1,0 +1,72 @@
+"""HPKE (RFC 9180) key pairs and single-shot sealing, through ``cryptography``'s recipe.
+
+Keys travel and rest as raw bytes: X25519 as 32 bytes; the ML-KEM-768 + X25519 hybrid as the
+ML-KEM seed (64) + X25519 private key (32), public ML-KEM key (1184) + X25519 public key (32).
+"""
+
+from __future__ import annotations
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+
+_MLKEM_SEED, _MLKEM_PUB, _X = 64, 1184, 32
+
+
+class HpkeError(Exception):
+    """Sealing or opening failed (wrong key, wrong info, tampered ciphertext, malformed key)."""
+
+
+def _suite(kem: str) -> hpke.Suite:
+    if kem == "X25519":
+        return hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+    if kem == "MLKEM768_X25519":
+        return hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+    raise HpkeError(f"unsupported KEM {kem}")
+
+
+def generate(kem: str) -> tuple[bytes, bytes]:
+    """A fresh key pair as (private bytes, public bytes)."""
+    x = x25519.X25519PrivateKey.generate()
+    if kem == "X25519":
+        return x.private_bytes_raw(), x.public_key().public_bytes_raw()
+    if kem == "MLKEM768_X25519":
+        m = mlkem.MLKEM768PrivateKey.generate()
+        return (m.private_bytes_raw() + x.private_bytes_raw(),
+                m.public_key().public_bytes_raw() + x.public_key().public_bytes_raw())
+    raise HpkeError(f"unsupported KEM {kem}")
+
+
+def _public(kem: str, data: bytes) -> object:
+    try:
+        if kem == "X25519" and len(data) == _X:
+            return x25519.X25519PublicKey.from_public_bytes(data)
+        if kem == "MLKEM768_X25519" and len(data) == _MLKEM_PUB + _X:
+            return hpke.MLKEM768X25519PublicKey(mlkem.MLKEM768PublicKey.from_public_bytes(data[:_MLKEM_PUB]),
+                                                x25519.X25519PublicKey.from_public_bytes(data[_MLKEM_PUB:]))
+    except ValueError:
+        pass
+    raise HpkeError(f"malformed {kem} public key")
+
+
+def _private(kem: str, data: bytes) -> object:
+    try:
+        if kem == "X25519" and len(data) == _X:
+            return x25519.X25519PrivateKey.from_private_bytes(data)
+        if kem == "MLKEM768_X25519" and len(data) == _MLKEM_SEED + _X:
+            return hpke.MLKEM768X25519PrivateKey(mlkem.MLKEM768PrivateKey.from_seed_bytes(data[:_MLKEM_SEED]),
+                                                 x25519.X25519PrivateKey.from_private_bytes(data[_MLKEM_SEED:]))
+    except ValueError:
+        pass
+    raise HpkeError(f"malformed {kem} private key")
+
+
+def seal(kem: str, public_key: bytes, plaintext: bytes, info: bytes) -> bytes:
+    return _suite(kem).encrypt(plaintext, _public(kem, public_key), info=info)  # type: ignore[arg-type]
+
+
+def open_sealed(kem: str, private_key: bytes, ciphertext: bytes, info: bytes) -> bytes:
+    try:
+        return _suite(kem).decrypt(ciphertext, _private(kem, private_key), info=info)  # type: ignore[arg-type]
+    except (InvalidTag, ValueError):
+        raise HpkeError("cannot open: wrong key, wrong context or tampered ciphertext") from None
