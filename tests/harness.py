@@ -49,6 +49,8 @@ class ServerThread:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
+        if self.loop.is_closed():
+            return
         if self.server is not None:
             self.call(self.server.close(grace=5))
             self.server = None
