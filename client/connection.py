@@ -187,7 +187,7 @@ class RelayClient:
     async def pipeline(self, requests: Sequence[Request]) -> list[Result | RemoteError]:
         """Send all requests at once, then read the responses in order."""
         results: list[Result | RemoteError] = []
-        for req, obj in zip(requests, await self._roundtrip(requests)):
+        for req, obj in zip(requests, await self._roundtrip(requests), strict=False):
             try:
                 results.append(parse_response(obj, req.op))
             except RemoteError as exc:

@@ -21,7 +21,6 @@ from OpenSSL import crypto
 
 from .errors import ValidationError
 from .identity import DEFAULT_ORG_UNIT, MSG_SERVER, RESERVED_UIDS, Identity, cn_of, org_units_of, uid_of
-from .keys import verify_signature
 
 Role = Literal["client", "server"]
 ROLES: tuple[Role, ...] = ("client", "server")
@@ -154,7 +153,7 @@ class TrustPolicy:
 
     def _check_revocation_at(self, chain: list[x509.Certificate], at: dt.datetime) -> None:
         check_all = crl_covers_anchors(self.anchors, self.crls)
-        for depth, (cert, issuer) in enumerate(zip(chain, chain[1:])):
+        for depth, (cert, issuer) in enumerate(zip(chain, chain[1:], strict=False)):
             crls = [c for c in self.crls if c.issuer == cert.issuer
                     and verify_crl_signature(c, issuer)]
             if not crls:

@@ -12,7 +12,7 @@ from pki.ca import CertificateAuthority
 from pki.errors import ValidationError
 from pki.validation import TrustPolicy, check_profile
 
-from .certfactory import DAY, NOW, Issuer, course_pki, leaf, name, self_signed_ca
+from .certfactory import DAY, NOW, Issuer, course_pki, leaf, self_signed_ca
 
 
 @pytest.fixture()
