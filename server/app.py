@@ -40,12 +40,17 @@ class RelayServer:
         # Refuse to start with a certificate our own clients would reject (expired, revoked ...).
         self.policy.validate(self.keystore.cert, self.keystore.chain, role="server")
         self.ssl_context = server_context(self.keystore, anchors, crls)
-        self.store = AsyncStore(SQLiteStore(config.db))
-        self.handlers = Handlers(self.store, self.keystore.key, self.keystore.intermediates(),
+        server_key = self.keystore.key
+        self.store = AsyncStore(SQLiteStore(config.db), lambda receipt: receipt.signed_by(server_key))
+        self.handlers = Handlers(self.store, self.keystore.intermediates(),
                                  [c.public_bytes(Encoding.DER) for c in crls], config.max_frame)
         self.stopping = False
         self._server: asyncio.base_events.Server | None = None
         self._sessions: dict[asyncio.Task[None], Session] = {}
+        # Connections still in their TLS handshake, oldest first: a flood of them evicts the oldest
+        # instead of locking out everyone else (slowloris); authenticated ones are capped per UID.
+        self._handshaking: dict[asyncio.Task[None], Session] = {}
+        self._per_user: dict[str, int] = {}
 
     @property
     def port(self) -> int:
@@ -93,20 +98,41 @@ class RelayServer:
         return [store.cert, *store.chain]
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.stopping or len(self._sessions) >= self.config.max_connections:
+        cfg = self.config
+        if self.stopping or len(self._sessions) >= cfg.max_connections:
             peer = writer.get_extra_info("peername")
             self.audit.event("connection_refused", peer=f"{peer[0]}:{peer[1]}" if peer else "?",
                              reason="shutting down" if self.stopping else "connection limit reached")
             writer.close()
             return
+        if len(self._handshaking) >= cfg.max_handshakes:
+            oldest, victim = next(iter(self._handshaking.items()))
+            self._handshaking.pop(oldest)
+            self.audit.event("connection_rejected", peer=victim.addr, reason="evicted: too many pending handshakes")
+            oldest.cancel()
         session = Session(self, reader, writer)
         task = asyncio.current_task()
         assert task is not None
         self._sessions[task] = session
+        self._handshaking[task] = session
         try:
             await session.run()
         finally:
             self._sessions.pop(task, None)
+            self._handshaking.pop(task, None)
+            if session.peer is not None:
+                self._per_user[session.peer.uid] -= 1
+                if not self._per_user[session.peer.uid]:
+                    del self._per_user[session.peer.uid]
+
+    def admit(self, session: Session, uid: str) -> bool:
+        """Called once a session's client is authenticated: False when that UID has too many connections."""
+        task = asyncio.current_task()
+        self._handshaking.pop(task, None)  # type: ignore[arg-type]
+        if self._per_user.get(uid, 0) >= self.config.max_per_user:
+            return False
+        self._per_user[uid] = self._per_user.get(uid, 0) + 1
+        return True
 
     @property
     def connections(self) -> int:

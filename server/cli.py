@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-file", help="audit log file (JSON lines; default stderr)")
     p.add_argument("--users-dir", help="enroll the users whose certificates or keystores lie here")
     p.add_argument("--max-connections", type=int, default=d.max_connections)
+    p.add_argument("--max-handshakes", type=int, default=d.max_handshakes,
+                   help="connections allowed in the TLS handshake at once; the oldest is dropped beyond")
+    p.add_argument("--max-per-user", type=int, default=d.max_per_user)
     p.add_argument("--max-frame", type=int, default=d.max_frame)
     p.add_argument("--idle-timeout", type=float, default=d.idle_timeout)
     p.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout)
@@ -54,12 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not 0 <= args.port <= 65535 or args.max_connections < 1 or args.max_frame < 1024:
-        print("msg-server: error: --port 0-65535, --max-connections >= 1, --max-frame >= 1024", file=sys.stderr)
+    if not 0 <= args.port <= 65535 or min(args.max_connections, args.max_handshakes, args.max_per_user) < 1 \
+            or args.max_frame < 1024:
+        print("msg-server: error: --port 0-65535, connection limits >= 1, --max-frame >= 1024", file=sys.stderr)
         return 2
     config = ServerConfig(p12=args.p12, passwords=PasswordSource(file=args.password_file), ca=args.ca,
                           crl=args.crl, host=args.host, port=args.port, db=args.db, log_file=args.log_file,
                           users_dir=args.users_dir, max_connections=args.max_connections,
+                          max_handshakes=args.max_handshakes, max_per_user=args.max_per_user,
                           max_frame=args.max_frame, idle_timeout=args.idle_timeout,
                           handshake_timeout=args.handshake_timeout)
     try:

@@ -23,6 +23,8 @@ class ServerConfig:
     log_file: str | None = None
     users_dir: str | None = None
     max_connections: int = 1000
+    max_handshakes: int = 64
+    max_per_user: int = 64
     max_frame: int = MAX_FRAME
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0

@@ -11,16 +11,15 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from pki.keys import PrivateKey, PublicKey
+from pki.keys import PublicKey
 from protocol.envelope import Sealed, verify_submission
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.keyrecord import KeyRecordError, parse_signed_record
 from protocol.messages import (DirectoryRequest, DirectoryResult, GetRequest, GetResult, KeyRecordWire,
                                PublishKeyRequest, PublishKeyResult, QueueRequest, Request, Result, SendRequest,
                                SendResult, queue_page)
-from protocol.receipts import Receipt
 
-from .store import AsyncStore, DuplicateMessage
+from .store import AsyncStore, DuplicateMessage, Submission
 
 QUEUE_BATCH = 500
 
@@ -38,10 +37,9 @@ class Peer:
 
 
 class Handlers:
-    def __init__(self, store: AsyncStore, server_key: PrivateKey, intermediates: list[x509.Certificate],
-                 crls_der: list[bytes], max_frame: int) -> None:
+    def __init__(self, store: AsyncStore, intermediates: list[x509.Certificate], crls_der: list[bytes],
+                 max_frame: int) -> None:
         self.store = store
-        self.server_key = server_key
         self.intermediates_der = [c.public_bytes(Encoding.DER) for c in intermediates]
         self.crls_der = crls_der
         self.max_frame = max_frame
@@ -59,9 +57,6 @@ class Handlers:
             return await self.publish_key(req, peer)
         raise ProtocolError(ErrorCode.BAD_REQUEST, "unsupported operation", req.id)
 
-    def _sign(self, receipt: Receipt) -> Receipt:
-        return receipt.signed_by(self.server_key)
-
     async def send(self, req: SendRequest, peer: Peer) -> SendResult:
         s = self.store.store
         if await self.store.call(s.get_user, req.to) is None:
@@ -71,7 +66,7 @@ class Handlers:
             raise ProtocolError(ErrorCode.BAD_SIGNATURE,
                                 "submission signature does not verify against your certificate", req.id)
         try:
-            receipt, _created = await self.store.call(s.add_message, peer.uid, req.to, req.msg_id, sealed, self._sign)
+            receipt, _created = await self.store.add_message(Submission(peer.uid, req.to, req.msg_id, sealed))
         except DuplicateMessage:
             raise ProtocolError(ErrorCode.DUPLICATE, "a different message was already sent with this msg_id",
                                 req.id) from None

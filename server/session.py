@@ -78,6 +78,10 @@ class Session:
             audit.event("connection_rejected", peer=self.addr, reason=str(exc))
             await self._send_and_close(error_response(None, ErrorCode.NOT_AUTHORISED, f"certificate rejected: {exc}"))
             return False
+        if not self.app.admit(self, identity.uid):
+            audit.event("connection_refused", peer=self.addr, uid=identity.uid, reason="too many connections for this user")
+            await self._send_and_close(error_response(None, ErrorCode.BUSY, "too many connections for this user"))
+            return False
         self.peer = Peer(identity.uid, cert)
         await self.app.store.call(self.app.store.store.upsert_user, identity.uid,
                                   cert.public_bytes(Encoding.DER))

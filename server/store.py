@@ -13,7 +13,8 @@ import json
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar, Union
 
 from protocol.encoding import format_time, parse_time, utc_now
 from protocol.envelope import Sealed, ciphertext_digest
@@ -29,14 +30,30 @@ class DuplicateMessage(Exception):
     """The sender already submitted a different message under this msg_id."""
 
 
+@dataclass(frozen=True)
+class Submission:
+    """One ``send`` to store: who, to whom, under which id, and the opaque sealed bytes."""
+
+    sender: str
+    recipient: str
+    msg_id: str
+    sealed: Sealed
+
+
+StoreOutcome = Union[tuple[Receipt, bool], Exception]
+
+
 class MessageStore(abc.ABC):
     """What the relay needs from storage. Implementations are used from one thread at a time."""
 
     @abc.abstractmethod
-    def add_message(self, sender: str, recipient: str, msg_id: str, sealed: Sealed,
-                    sign: Callable[[Receipt], Receipt]) -> tuple[Receipt, bool]:
-        """Store durably; returns (receipt, created). A retry of the same submission returns the first
-        receipt with created=False; a different submission under the same msg_id raises DuplicateMessage."""
+    def add_messages(self, batch: list[Submission], sign: Callable[[Receipt], Receipt]) -> list[StoreOutcome]:
+        """Store a batch durably in one commit (group commit); one outcome per submission, in order.
+
+        An outcome is (receipt, created): a retry of the same submission returns the first receipt with
+        created=False. A different submission under the same msg_id gets a DuplicateMessage outcome.
+        Nothing is returned before the commit is durable; if it fails, the call raises for the batch.
+        """
 
     @abc.abstractmethod
     def list_unread(self, uid: str, after: int, limit: int) -> list[QueueEntry]: ...
@@ -107,32 +124,34 @@ class SQLiteStore(MessageStore):
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{path}: cannot open database ({exc})") from None
 
-    def add_message(self, sender: str, recipient: str, msg_id: str, sealed: Sealed,
-                    sign: Callable[[Receipt], Receipt]) -> tuple[Receipt, bool]:
-        digest = ciphertext_digest(sealed)
+    def add_messages(self, batch: list[Submission], sign: Callable[[Receipt], Receipt]) -> list[StoreOutcome]:
         db = self.db
+        out: list[StoreOutcome] = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            row = db.execute("SELECT digest, receipt FROM messages WHERE sender=? AND msg_id=?",
-                             (sender, msg_id)).fetchone()
-            if row is not None:
-                db.execute("ROLLBACK")
-                if bytes(row[0]) != digest:
-                    raise DuplicateMessage(msg_id)
-                return _receipt(row[1]), False
-            (num,) = db.execute("SELECT COALESCE(MAX(num), 0) + 1 FROM messages WHERE recipient=?",
-                                (recipient,)).fetchone()
-            receipt = sign(Receipt(msg_id, sender, recipient, digest, utc_now(), num))
-            db.execute(
-                "INSERT INTO messages (recipient, num, sender, msg_id, server_time, envelope_version, header,"
-                " envelope, digest, receipt) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (recipient, num, sender, msg_id, format_time(receipt.server_time), sealed.version, sealed.header,
-                 sealed.envelope, digest, json.dumps(receipt.to_wire())))
+            for sub in batch:
+                out.append(self._add_one(sub, sign))
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        return out
+
+    def _add_one(self, sub: Submission, sign: Callable[[Receipt], Receipt]) -> StoreOutcome:
+        digest = ciphertext_digest(sub.sealed)
+        row = self.db.execute("SELECT digest, receipt FROM messages WHERE sender=? AND msg_id=?",
+                              (sub.sender, sub.msg_id)).fetchone()
+        if row is not None:
+            return (_receipt(row[1]), False) if bytes(row[0]) == digest else DuplicateMessage(sub.msg_id)
+        (num,) = self.db.execute("SELECT COALESCE(MAX(num), 0) + 1 FROM messages WHERE recipient=?",
+                                 (sub.recipient,)).fetchone()
+        receipt = sign(Receipt(sub.msg_id, sub.sender, sub.recipient, digest, utc_now(), num))
+        self.db.execute(
+            "INSERT INTO messages (recipient, num, sender, msg_id, server_time, envelope_version, header,"
+            " envelope, digest, receipt) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (sub.recipient, num, sub.sender, sub.msg_id, format_time(receipt.server_time), sub.sealed.version,
+             sub.sealed.header, sub.sealed.envelope, digest, json.dumps(receipt.to_wire())))
         return receipt, True
 
     def list_unread(self, uid: str, after: int, limit: int) -> list[QueueEntry]:
@@ -179,18 +198,56 @@ def _receipt(text: str) -> Receipt:
 
 
 class AsyncStore:
-    """Runs a :class:`MessageStore` on one dedicated thread, so disk syncs never block the event loop."""
+    """Runs a :class:`MessageStore` on one dedicated thread, so disk syncs never block the event loop.
 
-    def __init__(self, store: MessageStore) -> None:
+    Sends are group-committed: while one commit is on its way to disk, new sends queue up and go
+    together in the next transaction. Each caller is answered only after its own commit returned.
+    """
+
+    MAX_BATCH = 256
+
+    def __init__(self, store: MessageStore, sign: Callable[[Receipt], Receipt]) -> None:
         self.store = store
+        self.sign = sign
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._queue: list[tuple[Submission, asyncio.Future[tuple[Receipt, bool]]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def add_message(self, submission: Submission) -> tuple[Receipt, bool]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[Receipt, bool]] = loop.create_future()
+        self._queue.append((submission, fut))
+        if self._flusher is None:
+            self._flusher = loop.create_task(self._flush())
+        return await fut
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[:self.MAX_BATCH], self._queue[self.MAX_BATCH:]
+                try:
+                    outcomes = await self.call(self.store.add_messages, [b[0] for b in batch], self.sign)
+                except Exception as exc:  # noqa: BLE001 - the whole commit failed: every caller learns it
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                for (_, fut), outcome in zip(batch, outcomes, strict=True):
+                    if fut.done():
+                        continue  # the caller went away; the message is stored all the same
+                    if isinstance(outcome, Exception):
+                        fut.set_exception(outcome)
+                    else:
+                        fut.set_result(outcome)
+        finally:
+            self._flusher = None
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self.store.close()
 
 
-__all__ = ["AsyncStore", "DuplicateMessage", "MessageStore", "SQLiteStore", "StoreError"]
+__all__ = ["AsyncStore", "DuplicateMessage", "MessageStore", "SQLiteStore", "StoreError", "Submission"]
