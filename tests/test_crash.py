@@ -1,0 +1,150 @@
+"""Crash safety: SIGKILL the relay at random moments while clients send; nothing acknowledged is lost.
+
+Clients retry a send (same msg_id, same bytes) until they hold a receipt, as a real client would after
+a lost connection; the relay's idempotent store must neither lose a receipted message nor store one
+twice, and the database must stay consistent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from client.connection import ClientError, RelayClient
+from client.keys import Keyring
+from client.state import ClientState
+from pki.keystore import load_keystore
+from protocol.encoding import utc_now
+from protocol.envelope import InnerMessage, Sealed, ciphertext_digest, open_envelope, seal
+from protocol.receipts import Receipt
+
+ROOT = Path(__file__).resolve().parent.parent
+SENDERS = ("MSG_CLI1", "MSG_CLI3")
+RECIPIENT = "MSG_CLI2"
+CLIENTS_PER_SENDER = 2
+KILLS = 5
+
+
+class RelayProcess:
+    """``msg-server`` as a child process on a free port (port 0), restartable."""
+
+    def __init__(self, demo_dir: Path, tmp: Path) -> None:
+        self.args = [sys.executable, "-m", "server.cli", "--p12", str(demo_dir / "MSG_SERVER.p12"),
+                     "--crl", str(demo_dir / "ca" / "crl.pem"), "--users-dir", str(demo_dir),
+                     "--host", "127.0.0.1", "--port", "0", "--db", str(tmp / "relay.db"),
+                     "--log-file", str(tmp / "audit.log")]
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stderr is not None
+        line = self.proc.stderr.readline()
+        assert "listening on" in line, line
+        self.port = int(line.rsplit(":", 1)[1])
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(20)
+
+
+@pytest.mark.slow
+def test_sigkill_loses_no_acknowledged_message(demo_dir, tmp_path):
+    relay = RelayProcess(demo_dir, tmp_path)
+    relay.start()
+    stores = {u: load_keystore(demo_dir / f"{u}.p12") for u in (*SENDERS, RECIPIENT)}
+    anchors = stores[RECIPIENT].ca_certificates()
+    keyring = Keyring(ClientState(tmp_path / "recipient"), RECIPIENT)
+    own = keyring.ensure(stores[RECIPIENT].key, "X25519")  # X25519 keeps the test quick
+    rng = random.Random(os.environ.get("CRASH_SEED", "7"))
+
+    def prepare(sender: str, i: int) -> tuple[str, Sealed]:
+        msg_id = os.urandom(16).hex()
+        inner = InnerMessage(sender, RECIPIENT, msg_id, utc_now(), f"s{i}", f"body {sender} {i}".encode())
+        return msg_id, seal(inner, stores[sender].key, own.record)
+
+    async def publish() -> None:
+        async with RelayClient(stores[RECIPIENT], "127.0.0.1", relay.port, anchors) as c:
+            await c.publish_key(own.record.to_bytes(), own.signature)
+
+    asyncio.run(publish())
+    receipts: dict[str, Receipt] = {}
+    sealed_by_id: dict[str, Sealed] = {}
+    retries = 0
+
+    async def sender_task(sender: str, done: asyncio.Event) -> None:
+        """Send until the killer is finished, each message retried (same bytes) until receipted."""
+        nonlocal retries
+        client: RelayClient | None = None
+        i = 0
+        while not done.is_set():
+            msg_id, sealed = prepare(sender, i)
+            i += 1
+            sealed_by_id[msg_id] = sealed
+            for _attempt in range(200):
+                try:
+                    if client is None:
+                        client = RelayClient(stores[sender], "127.0.0.1", relay.port, anchors, timeout=5)
+                        await client.connect()
+                    receipts[msg_id] = await client.send(RECIPIENT, msg_id, sealed)
+                    break
+                except ClientError:
+                    retries += 1
+                    if client is not None:
+                        await client.close()
+                    client = None
+                    await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("relay never came back")
+        if client is not None:
+            await client.close()
+
+    async def killer(done: asyncio.Event) -> None:
+        for _ in range(KILLS):
+            await asyncio.sleep(rng.uniform(0.1, 0.4))
+            relay.kill()
+            await asyncio.get_running_loop().run_in_executor(None, relay.start)
+        await asyncio.sleep(0.2)
+        done.set()
+
+    async def scenario() -> None:
+        done = asyncio.Event()
+        await asyncio.gather(killer(done), *(sender_task(s, done) for s in SENDERS
+                                             for _ in range(CLIENTS_PER_SENDER)))
+
+    asyncio.run(scenario())
+    assert relay.stop() == 0
+    assert retries >= KILLS  # every kill interrupted sends in flight
+    total = len(receipts)
+    assert total == len(sealed_by_id) and total > 100
+    db = sqlite3.connect(tmp_path / "relay.db")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    rows = db.execute("SELECT num, sender, msg_id, envelope_version, header, envelope FROM messages "
+                      "WHERE recipient=?", (RECIPIENT,)).fetchall()
+    assert len(rows) == total  # nothing duplicated, nothing lost
+    assert sorted(r[0] for r in rows) == list(range(1, total + 1))
+    by_num = {r[0]: r for r in rows}
+    sender_certs: dict[str, x509.Certificate] = {s: stores[s].cert for s in SENDERS}
+    for msg_id, receipt in receipts.items():
+        num, sender, stored_id, version, header, envelope = by_num[receipt.queue_number]
+        stored = Sealed(version, bytes(header), bytes(envelope))
+        assert (sender, stored_id) == (receipt.sender, msg_id)
+        assert ciphertext_digest(stored) == receipt.digest == ciphertext_digest(sealed_by_id[msg_id])
+        opened = open_envelope(stored, reader=RECIPIENT, sender=sender, msg_id=msg_id,
+                               sender_key=sender_certs[sender].public_key(), keyring=keyring)
+        assert opened.inner.body.startswith(f"body {sender} ".encode())
