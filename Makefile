@@ -6,6 +6,9 @@ STAMP  := $(VENV)/.installed
 CERTS  := certs
 PORT   ?= 7777
 
+SCAN   := .venv-scan
+SCAN_STAMP := $(SCAN)/.installed
+
 .PHONY: install pki test test-all run-server demo bench clean
 
 install: $(STAMP)
@@ -28,12 +31,18 @@ else
 	else $(BIN)/msg-pki demo --out $(CERTS); fi
 endif
 
-# Everything, the crash-safety test included (it takes seconds); test-all also fuzzes ten times longer.
-test: $(STAMP)
-	$(BIN)/python -m pytest
+# sslyze pins an older `cryptography` than the relay needs, so the TLS scanner gets a venv of its own.
+$(SCAN_STAMP):
+	test -x $(SCAN)/bin/python || $(PYTHON) -m venv $(SCAN)
+	$(SCAN)/bin/python -m pip install --quiet 'sslyze>=6,<7'
+	touch $(SCAN_STAMP)
 
-test-all: $(STAMP)
-	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest
+# Everything, the crash-safety test and the TLS scan included; test-all also fuzzes far longer.
+test: $(STAMP) $(SCAN_STAMP)
+	MSG_RELAY_SSLYZE=$(CURDIR)/$(SCAN)/bin/sslyze $(BIN)/python -m pytest
+
+test-all: $(STAMP) $(SCAN_STAMP)
+	MSG_RELAY_SSLYZE=$(CURDIR)/$(SCAN)/bin/sslyze HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest
 
 run-server: $(STAMP) $(CERTS)/MSG_SERVER.p12
 	$(BIN)/msg-server --p12 $(CERTS)/MSG_SERVER.p12 --crl $(CERTS)/ca/crl.pem --users-dir $(CERTS) --port $(PORT)
@@ -44,5 +53,5 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench.py
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis build
+	rm -rf $(VENV) $(SCAN) *.egg-info .pytest_cache .hypothesis build
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

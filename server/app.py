@@ -108,7 +108,9 @@ class RelayServer:
         if len(self._handshaking) >= cfg.max_handshakes:
             oldest, victim = next(iter(self._handshaking.items()))
             self._handshaking.pop(oldest)
+            self._sessions.pop(oldest, None)
             self.audit.event("connection_rejected", peer=victim.addr, reason="evicted: too many pending handshakes")
+            victim.abort()
             oldest.cancel()
         session = Session(self, reader, writer)
         task = asyncio.current_task()
@@ -117,6 +119,8 @@ class RelayServer:
         self._handshaking[task] = session
         try:
             await session.run()
+        except asyncio.CancelledError:
+            pass  # evicted or shut down: the session closed its transport on the way out
         finally:
             self._sessions.pop(task, None)
             self._handshaking.pop(task, None)

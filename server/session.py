@@ -40,17 +40,27 @@ class Session:
         self.addr = f"{self.peername[0]}:{self.peername[1]}" if self.peername else "?"
         self.peer: Peer | None = None
         self.busy = False
+        self.aborted = False
+
+    def abort(self) -> None:
+        """Drop the connection at once, without a TLS goodbye (eviction, forced shutdown)."""
+        self.aborted = True
+        self.writer.transport.abort()
 
     async def run(self) -> None:
         try:
             if await self._handshake():
                 await self._serve()
         finally:
-            self.writer.close()
-            try:
-                await asyncio.wait_for(self.writer.wait_closed(), 2)
-            except (OSError, ssl.SSLError, asyncio.TimeoutError):
-                pass  # the peer vanished; nothing left to tell it
+            if not self.aborted:
+                await self._close()
+
+    async def _close(self) -> None:
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), 2)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError):
+            pass  # the peer vanished; nothing left to tell it
 
     async def _handshake(self) -> bool:
         cfg = self.app.config
