@@ -50,7 +50,8 @@ run-server: $(STAMP) $(CERTS)/MSG_SERVER.p12
 demo: run-server
 
 bench: $(STAMP)
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(SCAN) *.egg-info .pytest_cache .hypothesis build

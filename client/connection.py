@@ -71,9 +71,11 @@ class RelayClient:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._decoder = FrameDecoder(max_frame)
-        self._pending: deque[bytes] = deque()
+        self._inflight: deque[tuple[Request, asyncio.Future[dict[str, Any]]]] = deque()
+        self._reader_task: asyncio.Task[None] | None = None
+        self._broken: ClientError | None = None
         self._ids = itertools.count(1)
-        self._lock = asyncio.Lock()
+        self._write_lock = asyncio.Lock()
         self._answered = False
         self._ctx = client_context(keystore, self.anchors, self.crls)
 
@@ -114,6 +116,10 @@ class RelayClient:
         self.server_cert = cert
 
     async def close(self) -> None:
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            self._reader_task = None
+        self._fail_all(ClientError("connection closed"))
         if self._writer is not None:
             self._writer.close()
             try:
@@ -123,25 +129,8 @@ class RelayClient:
             self._writer = None
 
     # ---------------------------------------------------------------------------------- framing
-    async def _read_payload(self) -> bytes:
-        assert self._reader is not None
-        while not self._pending:
-            try:
-                data = await asyncio.wait_for(self._reader.read(65536), self.timeout)
-            except ssl.SSLError as exc:
-                raise (_rejection(exc) or self._lost(f"TLS error: {exc.reason or exc}")) from None
-            except (asyncio.TimeoutError, TimeoutError):
-                raise ClientError("the relay did not answer in time") from None
-            except OSError as exc:
-                raise self._lost(exc.strerror or str(exc)) from None
-            if not data:
-                raise self._lost("connection closed")
-            try:
-                self._pending.extend(self._decoder.feed(data))
-            except FrameError as exc:
-                raise ClientError(f"bad response from the relay: {exc.message}") from None
-        self._answered = True
-        return self._pending.popleft()
+    # Requests may be in flight together on the one connection; the relay answers in order, so a
+    # single reader task hands each response to the oldest waiting request.
 
     def _lost(self, detail: str) -> ClientError:
         if not self._answered:
@@ -150,46 +139,91 @@ class RelayClient:
             return ServerRejected(f"the relay did not accept our certificate ({detail})")
         return ClientError(f"connection to the relay lost ({detail})")
 
-    async def _roundtrip(self, requests: Sequence[Request]) -> list[dict[str, Any]]:
+    def _fail_all(self, exc: ClientError) -> None:
+        self._broken = self._broken or exc
+        while self._inflight:
+            fut = self._inflight.popleft()[1]
+            if not fut.done():
+                fut.set_exception(exc)
+
+    async def _read_loop(self) -> None:
+        assert self._reader is not None
+        try:
+            while True:
+                try:
+                    data = await self._reader.read(65536)
+                except ssl.SSLError as exc:
+                    raise (_rejection(exc) or self._lost(f"TLS error: {exc.reason or exc}")) from None
+                except OSError as exc:
+                    raise self._lost(exc.strerror or str(exc)) from None
+                if not data:
+                    raise self._lost("connection closed")
+                try:
+                    for payload in self._decoder.feed(data):
+                        self._dispatch(decode_payload(payload))
+                except FrameError as exc:
+                    raise ClientError(f"bad response from the relay: {exc.message}") from None
+        except ClientError as exc:
+            self._fail_all(exc)
+
+    def _dispatch(self, obj: dict[str, Any]) -> None:
+        if obj.get("id") is None and obj.get("ok") is False:
+            err = obj.get("error") if isinstance(obj.get("error"), dict) else {}
+            msg = str(err.get("message", "request refused"))
+            if err.get("code") == ErrorCode.NOT_AUTHORISED.value:
+                raise ServerRejected(f"the relay rejected our certificate: {msg}")
+            raise ClientError(f"the relay refused the connection: {msg}")
+        if not self._inflight:
+            raise ClientError("the relay sent a response nobody asked for")
+        req, fut = self._inflight.popleft()
+        if obj.get("id") != req.id:
+            raise ClientError("the relay answered out of order")
+        self._answered = True
+        if not fut.done():
+            fut.set_result(obj)
+
+    async def _submit(self, requests: Sequence[Request]) -> list[asyncio.Future[dict[str, Any]]]:
+        if self._broken is not None:
+            raise self._broken
         if self._writer is None:
             await self.connect()
         assert self._writer is not None
-        async with self._lock:
+        loop = asyncio.get_running_loop()
+        if self._reader_task is None:
+            self._reader_task = loop.create_task(self._read_loop())
+        futures = []
+        try:
+            frames = [encode_frame(request_to_wire(req), self.max_frame) for req in requests]
+        except FrameError as exc:
+            raise ClientError(f"request too large: {exc.message}") from None
+        async with self._write_lock:
+            for req, frame in zip(requests, frames, strict=True):
+                fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+                self._inflight.append((req, fut))
+                futures.append(fut)
+                self._writer.write(frame)
             try:
-                for req in requests:
-                    self._writer.write(encode_frame(request_to_wire(req), self.max_frame))
                 await self._writer.drain()
-            except FrameError as exc:
-                raise ClientError(f"request too large: {exc.message}") from None
             except (OSError, ssl.SSLError) as exc:
-                raise ClientError(f"connection to the relay failed ({exc})") from None
-            out = []
-            for req in requests:
-                try:
-                    obj = decode_payload(await self._read_payload())
-                except FrameError as exc:
-                    raise ClientError(f"bad response from the relay: {exc.message}") from None
-                if obj.get("id") is None and obj.get("ok") is False:
-                    err = obj.get("error") or {}
-                    msg = err.get("message", "request refused") if isinstance(err, dict) else "request refused"
-                    if isinstance(err, dict) and err.get("code") == ErrorCode.NOT_AUTHORISED.value:
-                        raise ServerRejected(f"the relay rejected our certificate: {msg}")
-                    raise ClientError(f"the relay refused the connection: {msg}")
-                if obj.get("id") != req.id:
-                    raise ClientError("the relay answered out of order")
-                out.append(obj)
-            return out
+                self._fail_all(self._lost(str(exc)))
+        return futures
+
+    async def _wait(self, fut: asyncio.Future[dict[str, Any]]) -> dict[str, Any]:
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self.timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise ClientError("the relay did not answer in time") from None
 
     async def request(self, req: Request) -> Result:
-        (obj,) = await self._roundtrip([req])
-        return parse_response(obj, req.op)
+        (fut,) = await self._submit([req])
+        return parse_response(await self._wait(fut), req.op)
 
     async def pipeline(self, requests: Sequence[Request]) -> list[Result | RemoteError]:
-        """Send all requests at once, then read the responses in order."""
+        """Send all requests at once, then collect the responses in order."""
         results: list[Result | RemoteError] = []
-        for req, obj in zip(requests, await self._roundtrip(requests), strict=False):
+        for req, fut in zip(requests, await self._submit(requests), strict=True):
             try:
-                results.append(parse_response(obj, req.op))
+                results.append(parse_response(await self._wait(fut), req.op))
             except RemoteError as exc:
                 results.append(exc)
         return results

@@ -27,6 +27,8 @@ def encode_frame(obj: dict[str, Any], max_size: int = MAX_FRAME) -> bytes:
 
 
 def _depth_ok(text: str) -> bool:
+    if text.count("{") + text.count("[") <= MAX_DEPTH:
+        return True  # cannot nest deeper than it has brackets: skip the scan (the usual case)
     depth = 0
     in_string = escaped = False
     for ch in text:

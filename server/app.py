@@ -17,7 +17,7 @@ from pki.validation import TrustPolicy, check_profile
 
 from .audit import AuditLog
 from .config import ServerConfig
-from .handlers import Handlers
+from .handlers import Handlers, UserRegistry
 from .session import Session
 from .store import AsyncStore, SQLiteStore
 
@@ -42,7 +42,8 @@ class RelayServer:
         self.ssl_context = server_context(self.keystore, anchors, crls)
         server_key = self.keystore.key
         self.store = AsyncStore(SQLiteStore(config.db), lambda receipt: receipt.signed_by(server_key))
-        self.handlers = Handlers(self.store, self.keystore.intermediates(),
+        self.users = UserRegistry(self.store)
+        self.handlers = Handlers(self.store, self.users, self.keystore.intermediates(),
                                  [c.public_bytes(Encoding.DER) for c in crls], config.max_frame)
         self.stopping = False
         self._server: asyncio.base_events.Server | None = None
@@ -61,7 +62,7 @@ class RelayServer:
         if self.config.users_dir:
             await self.enroll(Path(self.config.users_dir))
         self._server = await asyncio.start_server(self._accept, self.config.host, self.config.port,
-                                                  limit=self.config.max_frame + 8)
+                                                  limit=self.config.max_frame + 8, backlog=1024)
         self.audit.event("server_started", host=self.config.host, port=self.port)
 
     async def enroll(self, directory: Path) -> int:
@@ -82,7 +83,7 @@ class RelayServer:
             except ValidationError as exc:
                 log.info("not enrolling %s: %s", path.name, exc)
                 continue
-            await self.store.call(self.store.store.upsert_user, identity.uid, certs[0].public_bytes(Encoding.DER))
+            await self.users.remember(identity.uid, certs[0].public_bytes(Encoding.DER))
             count += 1
         self.audit.event("users_enrolled", directory=str(directory), count=count)
         return count

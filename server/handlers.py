@@ -21,7 +21,9 @@ from protocol.messages import (DirectoryRequest, DirectoryResult, GetRequest, Ge
 
 from .store import AsyncStore, DuplicateMessage, Submission
 
-QUEUE_BATCH = 500
+# Rows fetched per queue page: more than a frame can carry of even the smallest entries, fewer than
+# would make every page re-read hundreds of rows it cannot send.
+QUEUE_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,39 @@ class Peer:
         return self.cert.public_key()  # type: ignore[return-value]
 
 
-class Handlers:
-    def __init__(self, store: AsyncStore, intermediates: list[x509.Certificate], crls_der: list[bytes],
-                 max_frame: int) -> None:
+class UserRegistry:
+    """Who may receive messages, with the certificate each last connected with.
+
+    Cached in memory so that neither a handshake nor a send touches the database for what it already
+    knows; a miss asks the store (another relay node sharing the database may have enrolled the user).
+    """
+
+    def __init__(self, store: AsyncStore) -> None:
         self.store = store
+        self._certs: dict[str, bytes] = {}
+
+    async def remember(self, uid: str, cert_der: bytes) -> None:
+        if self._certs.get(uid) != cert_der:
+            await self.store.call(self.store.store.upsert_user, uid, cert_der)
+            self._certs[uid] = cert_der
+
+    async def known(self, uid: str) -> bool:
+        return await self.certificate(uid) is not None
+
+    async def certificate(self, uid: str) -> bytes | None:
+        if uid not in self._certs:
+            cert = await self.store.call(self.store.store.get_user, uid)
+            if cert is None:
+                return None
+            self._certs[uid] = cert
+        return self._certs[uid]
+
+
+class Handlers:
+    def __init__(self, store: AsyncStore, users: "UserRegistry", intermediates: list[x509.Certificate],
+                 crls_der: list[bytes], max_frame: int) -> None:
+        self.store = store
+        self.users = users
         self.intermediates_der = [c.public_bytes(Encoding.DER) for c in intermediates]
         self.crls_der = crls_der
         self.max_frame = max_frame
@@ -58,8 +89,7 @@ class Handlers:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "unsupported operation", req.id)
 
     async def send(self, req: SendRequest, peer: Peer) -> SendResult:
-        s = self.store.store
-        if await self.store.call(s.get_user, req.to) is None:
+        if not await self.users.known(req.to):
             raise ProtocolError(ErrorCode.UNKNOWN_RECIPIENT, f"unknown recipient {req.to}", req.id)
         sealed = Sealed(req.envelope_version, req.header, req.envelope)
         if not verify_submission(peer.public_key, req.signature, req.to, req.msg_id, sealed):
@@ -86,7 +116,7 @@ class Handlers:
         return GetResult(msg)
 
     async def directory(self, req: DirectoryRequest) -> DirectoryResult:
-        cert = await self.store.call(self.store.store.get_user, req.uid)
+        cert = await self.users.certificate(req.uid)
         if cert is None:
             raise ProtocolError(ErrorCode.UNKNOWN_USER, f"unknown user {req.uid}", req.id)
         key = await self.store.call(self.store.store.get_key, req.uid)

@@ -20,7 +20,7 @@ from pki.tls import peer_certificate
 from pki.validation import check_profile
 from protocol.errors import ErrorCode, FrameError, ProtocolError
 from protocol.frames import FrameDecoder, decode_payload, encode_frame
-from protocol.messages import error_response, ok_response, parse_request
+from protocol.messages import Request, SendRequest, error_response, ok_response, parse_request
 
 from .handlers import Peer
 
@@ -93,8 +93,7 @@ class Session:
             await self._send_and_close(error_response(None, ErrorCode.BUSY, "too many connections for this user"))
             return False
         self.peer = Peer(identity.uid, cert)
-        await self.app.store.call(self.app.store.store.upsert_user, identity.uid,
-                                  cert.public_bytes(Encoding.DER))
+        await self.app.users.remember(identity.uid, cert.public_bytes(Encoding.DER))
         audit.event("connection_accepted", peer=self.addr, uid=identity.uid)
         return True
 
@@ -139,8 +138,8 @@ class Session:
                 return
             self.busy = True
             try:
-                for payload in payloads:
-                    self.writer.write(encode_frame(await self._respond(payload), cfg.max_frame))
+                for response in await self._respond_all(payloads):
+                    self.writer.write(encode_frame(response, cfg.max_frame))
                 await self.writer.drain()  # back-pressure: a slow reader slows only itself
             except (OSError, ssl.SSLError) as exc:
                 self.app.audit.event("connection_closed", peer=self.addr, uid=self.peer.uid,
@@ -149,27 +148,53 @@ class Session:
             finally:
                 self.busy = False
 
-    async def _respond(self, payload: bytes) -> dict:
+    async def _respond_all(self, payloads: list[bytes]) -> list[dict]:
+        """Responses in request order. A run of consecutive ``send`` requests is executed together, so
+        its messages share one group commit; any other request waits until everything before it is done."""
+        responses: list[dict] = []
+        sends: list[asyncio.Task[dict]] = []
+        for payload in payloads:
+            parsed = self._parse(payload)
+            if isinstance(parsed, SendRequest):
+                # Task creation order is enqueue order in the store: queue numbers follow request order.
+                sends.append(asyncio.ensure_future(self._execute(parsed, len(payload))))
+                continue
+            if sends:
+                responses += await asyncio.gather(*sends)
+                sends = []
+            responses.append(parsed if isinstance(parsed, dict) else await self._execute(parsed, len(payload)))
+        if sends:
+            responses += await asyncio.gather(*sends)
+        return responses
+
+    def _parse(self, payload: bytes) -> Request | dict:
+        """A typed request, or the error response for a frame that is not one."""
         assert self.peer is not None
         rid = None
-        op = None
         try:
             obj = decode_payload(payload)
             rid = obj.get("id") if isinstance(obj.get("id"), (str, int)) and not isinstance(obj.get("id"), bool) else None
-            req = parse_request(obj)
-            op = req.op
-            result = await self.app.handlers.handle(req, self.peer)
-            self.app.audit.event("request", peer=self.addr, uid=self.peer.uid, op=op, result="ok",
-                                 size=len(payload), **_audit_fields(req, result))
-            return ok_response(req.id, result)
+            return parse_request(obj)
         except ProtocolError as exc:
-            self.app.audit.event("request", peer=self.addr, uid=self.peer.uid, op=op, result=exc.code.value,
+            self.app.audit.event("request", peer=self.addr, uid=self.peer.uid, result=exc.code.value,
                                  size=len(payload), reason=exc.message)
             return error_response(exc.request_id if exc.request_id is not None else rid, exc.code, exc.message)
+
+    async def _execute(self, req: Request, size: int) -> dict:
+        assert self.peer is not None
+        try:
+            result = await self.app.handlers.handle(req, self.peer)
+            self.app.audit.event("request", peer=self.addr, uid=self.peer.uid, op=req.op, result="ok",
+                                 size=size, **_audit_fields(req, result))
+            return ok_response(req.id, result)
+        except ProtocolError as exc:
+            self.app.audit.event("request", peer=self.addr, uid=self.peer.uid, op=req.op, result=exc.code.value,
+                                 size=size, reason=exc.message)
+            return error_response(req.id, exc.code, exc.message)
         except Exception:  # noqa: BLE001 - one broken request must not end the connection or the server
-            log.exception("internal error handling %s from %s", op, self.peer.uid)
-            self.app.audit.event("request", peer=self.addr, uid=self.peer.uid, op=op, result="internal")
-            return error_response(rid, ErrorCode.INTERNAL, "internal server error")
+            log.exception("internal error handling %s from %s", req.op, self.peer.uid)
+            self.app.audit.event("request", peer=self.addr, uid=self.peer.uid, op=req.op, result="internal")
+            return error_response(req.id, ErrorCode.INTERNAL, "internal server error")
 
 
 def _audit_fields(req: object, result: object) -> dict:
