@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frame", type=int, default=d.max_frame)
     p.add_argument("--idle-timeout", type=float, default=d.idle_timeout)
     p.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout)
+    p.add_argument("--frame-timeout", type=float, default=d.frame_timeout,
+                   help="seconds within which a started frame must be complete")
     p.add_argument("--verbose", "-v", action="store_true")
     return p
 
@@ -65,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           crl=args.crl, host=args.host, port=args.port, db=args.db, log_file=args.log_file,
                           users_dir=args.users_dir, max_connections=args.max_connections,
                           max_handshakes=args.max_handshakes, max_per_user=args.max_per_user,
-                          max_frame=args.max_frame, idle_timeout=args.idle_timeout,
+                          max_frame=args.max_frame, idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout,
                           handshake_timeout=args.handshake_timeout)
     try:
         asyncio.run(serve(config))

@@ -28,4 +28,5 @@ class ServerConfig:
     max_frame: int = MAX_FRAME
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
+    frame_timeout: float = 30.0  # a frame once begun must be complete within this (slowloris)
     org_unit: str | None = DEFAULT_ORG_UNIT

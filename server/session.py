@@ -112,7 +112,7 @@ class Session:
         while not self.app.stopping:
             if decoder.buffered:
                 frame_started = frame_started or time.monotonic()
-                timeout = max(0.0, cfg.idle_timeout - (time.monotonic() - frame_started))
+                timeout = max(0.0, min(cfg.idle_timeout, cfg.frame_timeout) - (time.monotonic() - frame_started))
             else:
                 frame_started = None
                 timeout = cfg.idle_timeout

@@ -323,6 +323,34 @@ def test_pipelined_requests_answered_in_order(shared_relay, demo_dir):
     assert out[-1]["error"]["code"] == "bad_request"
 
 
+def test_pipelined_sends_keep_their_order(shared_relay, demo_dir, tmp_path):
+    """Consecutive sends on one connection share commits but keep request order in the queue."""
+    from client.keys import Keyring
+    from client.state import ClientState
+    from protocol.encoding import utc_now
+    from protocol.envelope import InnerMessage, seal
+
+    alice, bob = (load_keystore(demo_dir / f"{u}.p12") for u in ("MSG_CLI1", "MSG_CLI2"))
+    own = Keyring(ClientState(tmp_path / "bob"), "MSG_CLI2").ensure(bob.key, "X25519")
+
+    async def go():
+        async with RelayClient(bob, "127.0.0.1", shared_relay.port, bob.ca_certificates()) as c:
+            await c.publish_key(own.record.to_bytes(), own.signature)
+            before = len(await c.queue())
+        async with RelayClient(alice, "127.0.0.1", shared_relay.port, alice.ca_certificates()) as c:
+            reqs = []
+            for i in range(40):
+                mid = f"{i:032x}"
+                sealed = seal(InnerMessage("MSG_CLI1", "MSG_CLI2", mid, utc_now(), f"n{i}", b"b"), alice.key, own.record)
+                reqs.append(c.send_request("MSG_CLI2", mid, sealed))
+            results = await c.pipeline(reqs)
+        return before, results
+
+    before, results = asyncio.run(go())
+    assert [r.receipt.queue_number for r in results] == list(range(before + 1, before + 41))
+    assert [r.receipt.msg_id for r in results] == [f"{i:032x}" for i in range(40)]
+
+
 def test_stalled_half_frame_dropped_at_idle_timeout(shared_relay, demo_dir):
     store = load_keystore(demo_dir / "MSG_CLI1.p12")
 
