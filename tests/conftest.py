@@ -9,9 +9,10 @@ import os
 import pytest
 from hypothesis import settings
 
-settings.register_profile("long", max_examples=1000, deadline=None)
-if os.environ.get("HYPOTHESIS_PROFILE"):
-    settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
+# CI runs the fuzz targets briefly; `make test-all` ten times longer.
+settings.register_profile("ci", max_examples=300, deadline=None)
+settings.register_profile("long", max_examples=3000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 from pki.ca import CertificateAuthority
 from pki.cli import make_demo

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from client.connection import RelayClient
@@ -38,7 +38,6 @@ requests = st.fixed_dictionaries({}, optional={
     "signature": st.text(max_size=20), "record": st.text(max_size=20)})
 
 
-@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=400), st.lists(st.integers(1, 64), max_size=10))
 def test_fuzz_decoder_and_parser_raise_only_protocol_errors(data, cuts):
     """Any bytes, in any chunking: frames out, or a ProtocolError; never another exception."""
@@ -56,7 +55,6 @@ def test_fuzz_decoder_and_parser_raise_only_protocol_errors(data, cuts):
         pass  # broken framing: the connection would close
 
 
-@settings(max_examples=400, deadline=None)
 @given(requests)
 def test_fuzz_request_objects(obj):
     try:
