@@ -257,8 +257,8 @@ class RelayClient:
         assert isinstance(result, GetResult)
         return result.message
 
-    async def directory(self, uid: str) -> DirectoryResult:
-        result = await self.request(DirectoryRequest(self.next_id(), uid))
+    async def directory(self, uid: str, fingerprint: bytes | None = None) -> DirectoryResult:
+        result = await self.request(DirectoryRequest(self.next_id(), uid, fingerprint))
         assert isinstance(result, DirectoryResult)
         return result
 

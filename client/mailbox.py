@@ -11,6 +11,7 @@ import secrets
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from pki.errors import ValidationError
 from pki.validation import TrustPolicy
@@ -113,9 +114,14 @@ class Mailbox:
         except VerificationError:
             return None
 
-    async def validated_certificate(self, uid: str, at: dt.datetime) -> tuple[x509.Certificate, DirectoryResult]:
-        """A user's certificate from the directory, validated at ``at`` (now, or a receipt's time)."""
-        entry = await self.client.directory(uid)
+    async def validated_certificate(self, uid: str, at: dt.datetime, fingerprint: bytes | None = None
+                                    ) -> tuple[x509.Certificate, DirectoryResult]:
+        """A user's certificate from the directory, validated at ``at`` (now, or a receipt's time).
+
+        With ``fingerprint``, the certificate a stored message was sent with: a sender who has renewed
+        a certificate since is still verified against the key that signed the message.
+        """
+        entry = await self.client.directory(uid, fingerprint)
         try:
             certs = [x509.load_der_x509_certificate(c) for c in entry.chain]
         except ValueError:
@@ -138,6 +144,8 @@ class Mailbox:
             raise VerificationError(f"sender certificate rejected: {exc}") from None
         if identity.uid != uid:
             raise VerificationError(f"directory certificate is for {identity.uid}, not {uid}")
+        if fingerprint is not None and certs[0].fingerprint(hashes.SHA256()) != fingerprint:
+            raise VerificationError("directory returned another certificate than the one asked for")
         return certs[0], entry
 
     async def read(self, num: int) -> ReadMessage:
@@ -149,7 +157,7 @@ class Mailbox:
         if (receipt.recipient, receipt.queue_number, receipt.digest, receipt.sender, receipt.msg_id) != \
                 (self.uid, msg.num, digest, msg.sender, msg.msg_id):
             raise VerificationError("receipt does not match the stored message")
-        cert, _ = await self.validated_certificate(receipt.sender, receipt.server_time)
+        cert, _ = await self.validated_certificate(receipt.sender, receipt.server_time, msg.sender_cert)
         opened: OpenedMessage = open_envelope(sealed, reader=self.uid, sender=receipt.sender, msg_id=receipt.msg_id,
                                               sender_key=cert.public_key(), keyring=self.keyring)  # type: ignore[arg-type]
         if not self.state.check_and_remember(receipt.sender, receipt.msg_id, msg.num, digest):

@@ -93,16 +93,20 @@ class GetRequest:
 
 @dataclass(frozen=True)
 class DirectoryRequest:
+    """A user's current certificate and key record, or with ``fingerprint`` (SHA-256 of the DER) one of
+    the user's earlier certificates: the one a stored message was sent with."""
+
     op: ClassVar[str] = "directory"
     id: RequestId
     uid: str
+    fingerprint: bytes | None = None
 
     def fields(self) -> dict[str, Any]:
-        return {"uid": self.uid}
+        return {"uid": self.uid} | ({"fingerprint": b64e(self.fingerprint)} if self.fingerprint else {})
 
     @classmethod
     def parse(cls, rid: RequestId, f: Fields) -> "DirectoryRequest":
-        return cls(rid, f.uid("uid"))
+        return cls(rid, f.uid("uid"), f.bytes("fingerprint", 32) if f.has("fingerprint") else None)
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,7 @@ class StoredMessage:
     header: bytes
     envelope: bytes
     receipt: Receipt
+    sender_cert: bytes  # SHA-256 fingerprint of the certificate the sender connected with
     read: bool = False
 
     def entry(self) -> QueueEntry:
@@ -190,13 +195,15 @@ class StoredMessage:
 
     def to_wire(self) -> dict[str, Any]:
         return {**self.entry().to_wire(), "to": self.recipient,
-                "envelope": b64e(self.envelope), "receipt": self.receipt.to_wire(), "read": self.read}
+                "envelope": b64e(self.envelope), "receipt": self.receipt.to_wire(),
+                "sender_cert": b64e(self.sender_cert), "read": self.read}
 
     @classmethod
     def from_wire(cls, f: Fields) -> "StoredMessage":
         e = QueueEntry.from_wire(f)
         return cls(e.num, e.sender, f.uid("to"), e.msg_id, e.server_time, e.envelope_version, e.header,
-                   f.bytes("envelope", MAX_ENVELOPE), Receipt.from_wire(f.object("receipt")), f.bool("read"))
+                   f.bytes("envelope", MAX_ENVELOPE), Receipt.from_wire(f.object("receipt")),
+                   f.bytes("sender_cert", 32), f.bool("read"))
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cryptography.hazmat.primitives import hashes  # noqa: E402
+
 from client.connection import RelayClient  # noqa: E402
 from client.keys import Keyring  # noqa: E402
 from client.state import ClientState  # noqa: E402
@@ -342,13 +344,14 @@ def prefill(world: World, db: Path, total: int, unread_for_bulk: int) -> None:
     server_key = load_keystore(world.certs / "MSG_SERVER.p12").key
     store = SQLiteStore(str(db))
     template = world.sealed(1)[0][1]
+    fingerprint = world.stores[SENDER].cert.fingerprint(hashes.SHA256())
     have = store.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
     bulk = store.db.execute("SELECT COUNT(*) FROM messages WHERE recipient=?", (BULK,)).fetchone()[0]
     batch: list[Submission] = []
     for i in range(max(0, unread_for_bulk - bulk) + max(0, total - have - max(0, unread_for_bulk - bulk))):
         to = BULK if bulk < unread_for_bulk else f"FILL{i % 50}"
         bulk += to == BULK
-        batch.append(Submission(SENDER, to, os.urandom(16).hex(), template))
+        batch.append(Submission(SENDER, to, os.urandom(16).hex(), template, fingerprint))
         if len(batch) == 2000:
             store.add_messages(batch, lambda r: r.signed_by(server_key))
             batch = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from pki.keys import PublicKey
@@ -37,6 +38,10 @@ class Peer:
     def public_key(self) -> PublicKey:
         return self.cert.public_key()  # type: ignore[return-value]
 
+    @property
+    def fingerprint(self) -> bytes:
+        return self.cert.fingerprint(hashes.SHA256())
+
 
 class UserRegistry:
     """Who may receive messages, with the certificate each last connected with.
@@ -57,7 +62,9 @@ class UserRegistry:
     async def known(self, uid: str) -> bool:
         return await self.certificate(uid) is not None
 
-    async def certificate(self, uid: str) -> bytes | None:
+    async def certificate(self, uid: str, fingerprint: bytes | None = None) -> bytes | None:
+        if fingerprint is not None:
+            return await self.store.call(self.store.store.get_user, uid, fingerprint)
         if uid not in self._certs:
             cert = await self.store.call(self.store.store.get_user, uid)
             if cert is None:
@@ -96,7 +103,8 @@ class Handlers:
             raise ProtocolError(ErrorCode.BAD_SIGNATURE,
                                 "submission signature does not verify against your certificate", req.id)
         try:
-            receipt, _created = await self.store.add_message(Submission(peer.uid, req.to, req.msg_id, sealed))
+            receipt, _created = await self.store.add_message(
+                Submission(peer.uid, req.to, req.msg_id, sealed, peer.fingerprint))
         except DuplicateMessage:
             raise ProtocolError(ErrorCode.DUPLICATE, "a different message was already sent with this msg_id",
                                 req.id) from None
@@ -116,7 +124,7 @@ class Handlers:
         return GetResult(msg)
 
     async def directory(self, req: DirectoryRequest) -> DirectoryResult:
-        cert = await self.users.certificate(req.uid)
+        cert = await self.users.certificate(req.uid, req.fingerprint)
         if cert is None:
             raise ProtocolError(ErrorCode.UNKNOWN_USER, f"unknown user {req.uid}", req.id)
         key = await self.store.call(self.store.store.get_key, req.uid)

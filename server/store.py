@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import hashlib
 import json
 import sqlite3
 from collections.abc import Callable
@@ -38,6 +39,7 @@ class Submission:
     recipient: str
     msg_id: str
     sealed: Sealed
+    sender_cert: bytes  # SHA-256 fingerprint of the sender's TLS certificate
 
 
 StoreOutcome = Union[tuple[Receipt, bool], Exception]
@@ -63,10 +65,12 @@ class MessageStore(abc.ABC):
         """The message and mark it read (it stays retrievable)."""
 
     @abc.abstractmethod
-    def upsert_user(self, uid: str, cert_der: bytes) -> None: ...
+    def upsert_user(self, uid: str, cert_der: bytes) -> None:
+        """Make ``cert_der`` the user's current certificate; earlier ones stay findable by fingerprint."""
 
     @abc.abstractmethod
-    def get_user(self, uid: str) -> bytes | None: ...
+    def get_user(self, uid: str, fingerprint: bytes | None = None) -> bytes | None:
+        """The user's current certificate, or the one with that SHA-256 fingerprint."""
 
     @abc.abstractmethod
     def put_key(self, uid: str, key: KeyRecordWire) -> None: ...
@@ -81,6 +85,7 @@ class MessageStore(abc.ABC):
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS users (uid TEXT PRIMARY KEY, cert BLOB NOT NULL, updated TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS certificates (fingerprint BLOB PRIMARY KEY, uid TEXT NOT NULL, cert BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS keys (uid TEXT PRIMARY KEY, record BLOB NOT NULL, signature BLOB NOT NULL,
                                  updated TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS messages (
@@ -94,6 +99,7 @@ CREATE TABLE IF NOT EXISTS messages (
     envelope BLOB NOT NULL,
     digest BLOB NOT NULL,
     receipt TEXT NOT NULL,
+    sender_cert BLOB NOT NULL,
     read INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (recipient, num),
     UNIQUE (sender, msg_id)
@@ -149,9 +155,9 @@ class SQLiteStore(MessageStore):
         receipt = sign(Receipt(sub.msg_id, sub.sender, sub.recipient, digest, utc_now(), num))
         self.db.execute(
             "INSERT INTO messages (recipient, num, sender, msg_id, server_time, envelope_version, header,"
-            " envelope, digest, receipt) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            " envelope, digest, receipt, sender_cert) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (sub.recipient, num, sub.sender, sub.msg_id, format_time(receipt.server_time), sub.sealed.version,
-             sub.sealed.header, sub.sealed.envelope, digest, json.dumps(receipt.to_wire())))
+             sub.sealed.header, sub.sealed.envelope, digest, json.dumps(receipt.to_wire()), sub.sender_cert))
         return receipt, True
 
     def list_unread(self, uid: str, after: int, limit: int) -> list[QueueEntry]:
@@ -162,22 +168,30 @@ class SQLiteStore(MessageStore):
 
     def get_message(self, uid: str, num: int) -> StoredMessage | None:
         row = self.db.execute(
-            "SELECT num, sender, recipient, msg_id, server_time, envelope_version, header, envelope, receipt, read"
-            " FROM messages WHERE recipient=? AND num=?", (uid, num)).fetchone()
+            "SELECT num, sender, recipient, msg_id, server_time, envelope_version, header, envelope, receipt,"
+            " sender_cert, read FROM messages WHERE recipient=? AND num=?", (uid, num)).fetchone()
         if row is None:
             return None
-        if not row[9]:
+        if not row[10]:
             self.db.execute("UPDATE messages SET read=1 WHERE recipient=? AND num=?", (uid, num))
         return StoredMessage(row[0], row[1], row[2], row[3], parse_time(row[4]), row[5], bytes(row[6]),
-                             bytes(row[7]), _receipt(row[8]), bool(row[9]))
+                             bytes(row[7]), _receipt(row[8]), bytes(row[9]), bool(row[10]))
 
     def upsert_user(self, uid: str, cert_der: bytes) -> None:
-        self.db.execute("INSERT INTO users (uid, cert, updated) VALUES (?,?,?) ON CONFLICT(uid) DO UPDATE"
-                        " SET cert=excluded.cert, updated=excluded.updated WHERE users.cert != excluded.cert",
-                        (uid, cert_der, format_time(utc_now())))
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("INSERT OR IGNORE INTO certificates (fingerprint, uid, cert) VALUES (?,?,?)",
+                            (cert_fingerprint(cert_der), uid, cert_der))
+            self.db.execute("INSERT INTO users (uid, cert, updated) VALUES (?,?,?) ON CONFLICT(uid) DO UPDATE"
+                            " SET cert=excluded.cert, updated=excluded.updated WHERE users.cert != excluded.cert",
+                            (uid, cert_der, format_time(utc_now())))
 
-    def get_user(self, uid: str) -> bytes | None:
-        row = self.db.execute("SELECT cert FROM users WHERE uid=?", (uid,)).fetchone()
+    def get_user(self, uid: str, fingerprint: bytes | None = None) -> bytes | None:
+        if fingerprint is not None:
+            row = self.db.execute("SELECT cert FROM certificates WHERE fingerprint=? AND uid=?",
+                                  (fingerprint, uid)).fetchone()
+        else:
+            row = self.db.execute("SELECT cert FROM users WHERE uid=?", (uid,)).fetchone()
         return bytes(row[0]) if row else None
 
     def put_key(self, uid: str, key: KeyRecordWire) -> None:
@@ -191,6 +205,10 @@ class SQLiteStore(MessageStore):
 
     def close(self) -> None:
         self.db.close()
+
+
+def cert_fingerprint(cert_der: bytes) -> bytes:
+    return hashlib.sha256(cert_der).digest()
 
 
 def _receipt(text: str) -> Receipt:

@@ -233,3 +233,30 @@ def test_receipts_are_kept_and_listed(relay, user):
     exchange(relay, user)
     r = cli(relay, user, "MSG_CLI1", "receipts")
     assert r.code == 0 and "to MSG_CLI2" in r.out and "queue number 1" in r.out
+
+
+def test_messages_survive_the_senders_certificate_renewal(tmp_path):
+    """A message is checked against the certificate it was sent with, not the sender's newest one."""
+    ca = CertificateAuthority.init(tmp_path / "ca")
+    save_keystore(tmp_path / "MSG_SERVER.p12", ca.issue("MSG_SERVER", server=True), None)
+    for uid in ("ANNA", "BEN"):
+        save_keystore(tmp_path / f"{uid}.p12", ca.issue(uid), None)
+    cfg = server_config(tmp_path, tmp_path, p12=str(tmp_path / "MSG_SERVER.p12"), crl=None, users_dir=str(tmp_path))
+    server = ServerThread(cfg).start()
+
+    def run(uid, *args, stdin=b""):
+        return run_client(server, tmp_path / f"{uid}.p12", *args, stdin=stdin, state=tmp_path / "st" / uid,
+                          extra=["--crl", str(tmp_path / "ca" / "crl.pem")])
+
+    try:
+        assert run("BEN", "askqueue").code == 0
+        assert run("ANNA", "send", "BEN", "old certificate", stdin=b"1").code == 0
+        time.sleep(1.1)
+        ca.revoke(uid="ANNA", reason="superseded")
+        save_keystore(tmp_path / "ANNA.p12", ca.issue("ANNA"), None)  # renewed: new key, new certificate
+        assert run("ANNA", "send", "BEN", "new certificate", stdin=b"2").code == 0
+        first, second = run("BEN", "getmsg", "1"), run("BEN", "getmsg", "2")
+        assert first.code == 0 and "old certificate" in first.out, first.err
+        assert second.code == 0 and "new certificate" in second.out, second.err
+    finally:
+        server.stop()

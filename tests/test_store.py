@@ -12,7 +12,7 @@ from server.store import AsyncStore, DuplicateMessage, SQLiteStore, Submission
 
 
 def sub(msg_id: str, sender="A", to="B", body=b"x") -> Submission:
-    return Submission(sender, to, msg_id, Sealed(2, b"h", body))
+    return Submission(sender, to, msg_id, Sealed(2, b"h", body), b"\x01" * 32)
 
 
 def unsigned(receipt):
