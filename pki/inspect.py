@@ -19,7 +19,7 @@ from .errors import KeystoreError, PkiError
 from .files import load_certificates, load_crls, read_bytes
 from .identity import cn_of, org_units_of, uid_of
 from .keys import describe_key
-from .keystore import parse_keystore
+from .keystore import looks_like_pkcs12, parse_keystore
 from .passwords import NO_PASSWORD, PasswordSource
 
 
@@ -105,6 +105,8 @@ def inspect_bytes(data: bytes, name: str = "input", passwords: PasswordSource = 
     crls = load_crls(data)
     if crls:
         return {"type": "crl", "crls": [describe_crl(c) for c in crls]}
+    if not looks_like_pkcs12(data):
+        raise PkiError(f"{name}: not a certificate, CRL or PKCS#12 keystore")
     store = None
     for candidate in (None, b""):
         try:

@@ -82,12 +82,30 @@ def parse_keystore(data: bytes, password: bytes | None, name: str = "keystore") 
     return Keystore(key=p12.key, cert=leaf, chain=order_chain(leaf, certs))  # type: ignore[arg-type]
 
 
+def looks_like_pkcs12(data: bytes) -> bool:
+    """Whether ``data`` is one DER SEQUENCE spanning the whole file, as a PKCS#12 PFX is.
+
+    Lets a wrong file be called what it is, instead of "wrong password" or a password prompt.
+    """
+    if len(data) < 4 or data[0] != 0x30:
+        return False
+    first = data[1]
+    if first < 0x80:
+        return 2 + first == len(data)
+    n = first & 0x7F
+    if not 1 <= n <= 4 or len(data) < 2 + n:
+        return False
+    return 2 + n + int.from_bytes(data[2:2 + n], "big") == len(data)
+
+
 def load_keystore(path: str | os.PathLike[str], passwords: PasswordSource = NO_PASSWORD) -> Keystore:
     """Load a keystore, asking ``passwords`` only when the file is actually protected."""
     try:
         data = read_bytes(path)
     except PkiError as exc:
         raise KeystoreError(str(exc)) from None
+    if not looks_like_pkcs12(data):
+        raise KeystoreError(f"{path}: not a PKCS#12 keystore")
     given = passwords.given()
     if given is not None:
         return parse_keystore(data, given, str(path))

@@ -273,6 +273,7 @@ def test_bad_keystores_give_one_line(tmp_path: Path, demo_dir: Path, capsys, con
                  ("inspect", str(bad))):
         code, _, err = run(capsys, *argv)
         assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert "password" not in err  # a broken file is not mistaken for a protected one
 
 
 def test_wrong_password(tmp_path: Path, demo_dir: Path, capsys, monkeypatch) -> None:
