@@ -16,17 +16,32 @@ from typing import Any
 from cryptography import x509
 
 from pki.errors import ValidationError
+from pki.identity import DEFAULT_ORG_UNIT
 from pki.keystore import Keystore
 from pki.tls import client_context, peer_certificate
 from pki.validation import check_profile
 from protocol.envelope import Sealed, sign_submission
 from protocol.errors import ErrorCode, FrameError
 from protocol.frames import MAX_FRAME, FrameDecoder, decode_payload, encode_frame
-from protocol.messages import (DirectoryRequest, DirectoryResult, GetRequest, GetResult, PublishKeyRequest,
-                               QueueEntry, QueueRequest, QueueResult, RemoteError, Request, Result, SendRequest,
-                               SendResult, StoredMessage, parse_response, request_to_wire)
+from protocol.messages import (
+    DirectoryRequest,
+    DirectoryResult,
+    GetRequest,
+    GetResult,
+    PublishKeyRequest,
+    QueueEntry,
+    QueueRequest,
+    QueueResult,
+    RemoteError,
+    Request,
+    Result,
+    SendRequest,
+    SendResult,
+    StoredMessage,
+    parse_response,
+    request_to_wire,
+)
 from protocol.receipts import Receipt
-from pki.identity import DEFAULT_ORG_UNIT
 
 # TLS alerts a server sends when it refuses our certificate, as OpenSSL names them.
 _REJECTION_ALERTS = {

@@ -14,11 +14,27 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from pki.errors import ValidationError
-from pki.validation import TrustPolicy
+from pki.identity import MSG_SERVER
+from pki.validation import Role, TrustPolicy
 from protocol.encoding import utc_now
-from protocol.envelope import (ENVELOPE_V2, KEY_ID_LEN, InnerMessage, OpenedMessage, Sealed, VerificationError,
-                               ciphertext_digest, open_envelope, read_subject, seal)
-from protocol.keyrecord import DEFAULT_KEM, KeyRecord, KeyRecordError, parse_signed_record
+from protocol.envelope import (
+    ENVELOPE_V2,
+    KEY_ID_LEN,
+    InnerMessage,
+    OpenedMessage,
+    Sealed,
+    VerificationError,
+    ciphertext_digest,
+    open_envelope,
+    read_subject,
+    seal,
+)
+from protocol.keyrecord import (
+    DEFAULT_KEM,
+    KeyRecord,
+    KeyRecordError,
+    parse_signed_record,
+)
 from protocol.messages import DirectoryResult, QueueEntry, StoredMessage
 from protocol.receipts import Receipt
 
@@ -82,9 +98,13 @@ class Mailbox:
     def uid(self) -> str:
         return self.client.uid
 
-    def _check_receipt(self, receipt: Receipt) -> None:
+    async def _check_receipt(self, receipt: Receipt) -> None:
+        """The receipt is signed by a certificate of MSG_SERVER valid at the receipt's time: the one we
+        are connected to, or an earlier one of the relay's (it renews its certificate too)."""
         cert = self.client.server_cert
-        if cert is None or not receipt.verify(cert.public_key()):  # type: ignore[arg-type]
+        if cert is None or cert.fingerprint(hashes.SHA256()) != receipt.signer:
+            cert, _ = await self.validated_certificate(MSG_SERVER, receipt.server_time, receipt.signer, "server")
+        if not receipt.verify(cert.public_key()):  # type: ignore[arg-type]
             raise VerificationError("receipt is not signed by the relay (MSG_SERVER)")
 
     async def send(self, to: str, subject: str, body: bytes) -> Receipt:
@@ -93,7 +113,7 @@ class Mailbox:
         inner = InnerMessage(self.uid, to, msg_id, utc_now(), subject, body)
         sealed = seal(inner, self.client.keystore.key, record)
         receipt = await self.client.send(to, msg_id, sealed)
-        self._check_receipt(receipt)
+        await self._check_receipt(receipt)
         if (receipt.msg_id, receipt.sender, receipt.recipient, receipt.digest) != \
                 (msg_id, self.uid, to, ciphertext_digest(sealed)):
             raise VerificationError("receipt does not match the message sent")
@@ -114,8 +134,8 @@ class Mailbox:
         except VerificationError:
             return None
 
-    async def validated_certificate(self, uid: str, at: dt.datetime, fingerprint: bytes | None = None
-                                    ) -> tuple[x509.Certificate, DirectoryResult]:
+    async def validated_certificate(self, uid: str, at: dt.datetime, fingerprint: bytes | None = None,
+                                    role: Role = "client") -> tuple[x509.Certificate, DirectoryResult]:
         """A user's certificate from the directory, validated at ``at`` (now, or a receipt's time).
 
         With ``fingerprint``, the certificate a stored message was sent with: a sender who has renewed
@@ -139,7 +159,7 @@ class Mailbox:
                 raise VerificationError("directory returned an unreadable CRL") from None
             policy = TrustPolicy(policy.anchors, crls, policy.org_unit)
         try:
-            identity = policy.validate(certs[0], pool, role="client", at=at)
+            identity = policy.validate(certs[0], pool, role=role, at=at)
         except ValidationError as exc:
             raise VerificationError(f"sender certificate rejected: {exc}") from None
         if identity.uid != uid:
@@ -151,7 +171,7 @@ class Mailbox:
     async def read(self, num: int) -> ReadMessage:
         msg: StoredMessage = await self.client.get(num)
         receipt = msg.receipt
-        self._check_receipt(receipt)
+        await self._check_receipt(receipt)
         sealed = Sealed(msg.envelope_version, msg.header, msg.envelope)
         digest = ciphertext_digest(sealed)
         if (receipt.recipient, receipt.queue_number, receipt.digest, receipt.sender, receipt.msg_id) != \

@@ -13,8 +13,8 @@ from typing import Any
 
 from pki.errors import PkiError
 from pki.files import read_bytes, write_atomic
-from protocol.receipts import Receipt
 from protocol.fields import Fields
+from protocol.receipts import Receipt
 
 
 class StateError(Exception):

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 
 from .errors import PkiError
 from .files import certs_to_pem, load_certificate_file, read_bytes, write_atomic
-from .identity import DEFAULT_ORG_UNIT, RESERVED_UIDS, MSG_SERVER, is_valid_uid
+from .identity import DEFAULT_ORG_UNIT, MSG_SERVER, RESERVED_UIDS, is_valid_uid
 from .keys import DEFAULT_KEY_TYPE, PrivateKey, certificate_hash, generate_key
 from .keystore import Keystore
 from .passwords import NO_PASSWORD, PasswordSource

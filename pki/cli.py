@@ -18,7 +18,14 @@ from cryptography.hazmat.primitives import serialization
 
 from .ca import REVOCATION_REASONS, CertificateAuthority
 from .errors import PkiError, ValidationError
-from .files import certs_to_pem, load_certificate_file, load_certificates, load_crl_file, read_bytes, write_atomic
+from .files import (
+    certs_to_pem,
+    load_certificate_file,
+    load_certificates,
+    load_crl_file,
+    read_bytes,
+    write_atomic,
+)
 from .identity import DEFAULT_ORG_UNIT, MSG_SERVER
 from .inspect import inspect_file, render_json, render_text
 from .keys import DEFAULT_KEY_TYPE, KEY_TYPES

@@ -22,7 +22,6 @@ from .keys import describe_key
 from .keystore import looks_like_pkcs12, parse_keystore
 from .passwords import NO_PASSWORD, PasswordSource
 
-
 _NAMES = {NameOID.PSEUDONYM: "pseudonym"}
 
 

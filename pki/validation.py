@@ -20,7 +20,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import crypto
 
 from .errors import ValidationError
-from .identity import DEFAULT_ORG_UNIT, MSG_SERVER, RESERVED_UIDS, Identity, cn_of, org_units_of, uid_of
+from .identity import (
+    DEFAULT_ORG_UNIT,
+    MSG_SERVER,
+    RESERVED_UIDS,
+    Identity,
+    cn_of,
+    org_units_of,
+    uid_of,
+)
 
 Role = Literal["client", "server"]
 ROLES: tuple[Role, ...] = ("client", "server")

@@ -25,7 +25,16 @@ from typing import Any, Protocol
 from pki.keys import PrivateKey, PublicKey, sign, verify_signature
 
 from . import hpke
-from .encoding import b64d, b64e, format_time, pack, parse_time, sha256, signing_input, unpack
+from .encoding import (
+    b64d,
+    b64e,
+    format_time,
+    pack,
+    parse_time,
+    sha256,
+    signing_input,
+    unpack,
+)
 from .errors import ProtocolError
 from .fields import Fields
 from .keyrecord import KeyRecord

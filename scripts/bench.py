@@ -341,7 +341,8 @@ def prefill(world: World, db: Path, total: int, unread_for_bulk: int) -> None:
     queued for one user; receipts are signed with the server key as the relay would."""
     from server.store import SQLiteStore, Submission
 
-    server_key = load_keystore(world.certs / "MSG_SERVER.p12").key
+    server = load_keystore(world.certs / "MSG_SERVER.p12")
+    server_key, signer = server.key, server.cert.fingerprint(hashes.SHA256())
     store = SQLiteStore(str(db))
     template = world.sealed(1)[0][1]
     fingerprint = world.stores[SENDER].cert.fingerprint(hashes.SHA256())
@@ -353,10 +354,10 @@ def prefill(world: World, db: Path, total: int, unread_for_bulk: int) -> None:
         bulk += to == BULK
         batch.append(Submission(SENDER, to, os.urandom(16).hex(), template, fingerprint))
         if len(batch) == 2000:
-            store.add_messages(batch, lambda r: r.signed_by(server_key))
+            store.add_messages(batch, lambda r: r.signed_by(server_key, signer))
             batch = []
     if batch:
-        store.add_messages(batch, lambda r: r.signed_by(server_key))
+        store.add_messages(batch, lambda r: r.signed_by(server_key, signer))
     store.close()
 
 

@@ -10,7 +10,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from pki.errors import KeystoreError, PkiError, ValidationError
-from pki.files import load_certificate_file, load_certificates, load_crl_file, read_bytes
+from pki.files import (
+    load_certificate_file,
+    load_certificates,
+    load_crl_file,
+    read_bytes,
+)
+from pki.identity import MSG_SERVER
 from pki.keystore import load_keystore, parse_keystore
 from pki.tls import server_context
 from pki.validation import TrustPolicy, check_profile
@@ -19,7 +25,7 @@ from .audit import AuditLog
 from .config import ServerConfig
 from .handlers import Handlers, UserRegistry
 from .session import Session
-from .store import AsyncStore, SQLiteStore
+from .store import AsyncStore, SQLiteStore, cert_fingerprint
 
 log = logging.getLogger("msg_relay.server")
 
@@ -41,7 +47,11 @@ class RelayServer:
         self.policy.validate(self.keystore.cert, self.keystore.chain, role="server")
         self.ssl_context = server_context(self.keystore, anchors, crls)
         server_key = self.keystore.key
-        self.store = AsyncStore(SQLiteStore(config.db), lambda receipt: receipt.signed_by(server_key))
+        server_der = self.keystore.cert.public_bytes(Encoding.DER)
+        signer = cert_fingerprint(server_der)
+        self.store = AsyncStore(SQLiteStore(config.db), lambda receipt: receipt.signed_by(server_key, signer))
+        # Clients verify old receipts after the relay's certificate is renewed: keep every one it had.
+        self.store.store.add_certificate(MSG_SERVER, server_der)
         self.users = UserRegistry(self.store)
         self.handlers = Handlers(self.store, self.users, self.keystore.intermediates(),
                                  [c.public_bytes(Encoding.DER) for c in crls], config.max_frame)

@@ -16,9 +16,21 @@ from pki.keys import PublicKey
 from protocol.envelope import Sealed, verify_submission
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.keyrecord import KeyRecordError, parse_signed_record
-from protocol.messages import (DirectoryRequest, DirectoryResult, GetRequest, GetResult, KeyRecordWire,
-                               PublishKeyRequest, PublishKeyResult, QueueRequest, Request, Result, SendRequest,
-                               SendResult, queue_page)
+from protocol.messages import (
+    DirectoryRequest,
+    DirectoryResult,
+    GetRequest,
+    GetResult,
+    KeyRecordWire,
+    PublishKeyRequest,
+    PublishKeyResult,
+    QueueRequest,
+    Request,
+    Result,
+    SendRequest,
+    SendResult,
+    queue_page,
+)
 
 from .store import AsyncStore, DuplicateMessage, Submission
 

@@ -20,7 +20,13 @@ from pki.tls import peer_certificate
 from pki.validation import check_profile
 from protocol.errors import ErrorCode, FrameError, ProtocolError
 from protocol.frames import FrameDecoder, decode_payload, encode_frame
-from protocol.messages import Request, SendRequest, error_response, ok_response, parse_request
+from protocol.messages import (
+    Request,
+    SendRequest,
+    error_response,
+    ok_response,
+    parse_request,
+)
 
 from .handlers import Peer
 

@@ -69,6 +69,10 @@ class MessageStore(abc.ABC):
         """Make ``cert_der`` the user's current certificate; earlier ones stay findable by fingerprint."""
 
     @abc.abstractmethod
+    def add_certificate(self, uid: str, cert_der: bytes) -> None:
+        """Keep a certificate findable by fingerprint without making its holder a user (the relay's own)."""
+
+    @abc.abstractmethod
     def get_user(self, uid: str, fingerprint: bytes | None = None) -> bytes | None:
         """The user's current certificate, or the one with that SHA-256 fingerprint."""
 
@@ -177,11 +181,14 @@ class SQLiteStore(MessageStore):
         return StoredMessage(row[0], row[1], row[2], row[3], parse_time(row[4]), row[5], bytes(row[6]),
                              bytes(row[7]), _receipt(row[8]), bytes(row[9]), bool(row[10]))
 
+    def add_certificate(self, uid: str, cert_der: bytes) -> None:
+        self.db.execute("INSERT OR IGNORE INTO certificates (fingerprint, uid, cert) VALUES (?,?,?)",
+                        (cert_fingerprint(cert_der), uid, cert_der))
+
     def upsert_user(self, uid: str, cert_der: bytes) -> None:
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("INSERT OR IGNORE INTO certificates (fingerprint, uid, cert) VALUES (?,?,?)",
-                            (cert_fingerprint(cert_der), uid, cert_der))
+            self.add_certificate(uid, cert_der)
             self.db.execute("INSERT INTO users (uid, cert, updated) VALUES (?,?,?) ON CONFLICT(uid) DO UPDATE"
                             " SET cert=excluded.cert, updated=excluded.updated WHERE users.cert != excluded.cert",
                             (uid, cert_der, format_time(utc_now())))

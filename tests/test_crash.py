@@ -24,7 +24,13 @@ from client.keys import Keyring
 from client.state import ClientState
 from pki.keystore import load_keystore
 from protocol.encoding import utc_now
-from protocol.envelope import InnerMessage, Sealed, ciphertext_digest, open_envelope, seal
+from protocol.envelope import (
+    InnerMessage,
+    Sealed,
+    ciphertext_digest,
+    open_envelope,
+    seal,
+)
 from protocol.receipts import Receipt
 
 ROOT = Path(__file__).resolve().parent.parent

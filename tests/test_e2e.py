@@ -260,3 +260,32 @@ def test_messages_survive_the_senders_certificate_renewal(tmp_path):
         assert second.code == 0 and "new certificate" in second.out, second.err
     finally:
         server.stop()
+
+
+def test_receipts_survive_the_relays_certificate_renewal(tmp_path):
+    ca = CertificateAuthority.init(tmp_path / "ca")
+    save_keystore(tmp_path / "MSG_SERVER.p12", ca.issue("MSG_SERVER", server=True), None)
+    for uid in ("ANNA", "BEN"):
+        save_keystore(tmp_path / f"{uid}.p12", ca.issue(uid), None)
+
+    def start():
+        cfg = server_config(tmp_path, tmp_path, p12=str(tmp_path / "MSG_SERVER.p12"),
+                            crl=str(tmp_path / "ca" / "crl.pem"), users_dir=str(tmp_path))
+        return ServerThread(cfg).start()
+
+    def run(server, uid, *args, stdin=b""):
+        return run_client(server, tmp_path / f"{uid}.p12", *args, stdin=stdin, state=tmp_path / "st" / uid)
+
+    server = start()
+    assert run(server, "BEN", "askqueue").code == 0
+    assert run(server, "ANNA", "send", "BEN", "before renewal", stdin=b"1").code == 0
+    server.stop()
+    time.sleep(1.1)
+    ca.revoke(uid="MSG_SERVER", reason="superseded")
+    save_keystore(tmp_path / "MSG_SERVER.p12", ca.issue("MSG_SERVER", server=True), None)
+    server = start()
+    try:
+        r = run(server, "BEN", "getmsg", "1")
+        assert r.code == 0 and "before renewal" in r.out, r.err
+    finally:
+        server.stop()

@@ -11,12 +11,26 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from protocol.encoding import signing_input
-from protocol.envelope import (InnerMessage, Sealed, VerificationError, ciphertext_digest, open_envelope, seal,
-                               sign_submission, verify_submission)
+from protocol.envelope import (
+    InnerMessage,
+    Sealed,
+    VerificationError,
+    ciphertext_digest,
+    open_envelope,
+    seal,
+    sign_submission,
+    verify_submission,
+)
 from protocol.errors import ErrorCode, FrameError, ProtocolError
 from protocol.frames import MAX_FRAME, FrameDecoder, decode_payload, encode_frame
-from protocol.messages import (QueueEntry, QueueRequest, SendRequest, parse_request, queue_page,
-                               request_to_wire)
+from protocol.messages import (
+    QueueEntry,
+    QueueRequest,
+    SendRequest,
+    parse_request,
+    queue_page,
+    request_to_wire,
+)
 
 
 def frames_of(objs):
