@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
 from pathlib import Path
 
 from cryptography import x509
@@ -41,11 +43,10 @@ class RelayServer:
         anchors = load_certificate_file(config.ca) if config.ca else self.keystore.ca_certificates()
         if not anchors:
             raise PkiError(f"{config.p12} bundles no CA certificate: give --ca ROOT.pem")
-        crls = load_crl_file(config.crl) if config.crl else []
-        self.policy = TrustPolicy(anchors, crls, config.org_unit)
-        # Refuse to start with a certificate our own clients would reject (expired, revoked ...).
-        self.policy.validate(self.keystore.cert, self.keystore.chain, role="server")
-        self.ssl_context = server_context(self.keystore, anchors, crls)
+        self.anchors = anchors
+        self._crl_stamp = self._crl_file_stamp()
+        self._crl_checked = time.monotonic()
+        self._load_trust()
         server_key = self.keystore.key
         server_der = self.keystore.cert.public_bytes(Encoding.DER)
         signer = cert_fingerprint(server_der)
@@ -54,7 +55,7 @@ class RelayServer:
         self.store.store.add_certificate(MSG_SERVER, server_der)
         self.users = UserRegistry(self.store)
         self.handlers = Handlers(self.store, self.users, self.keystore.intermediates(),
-                                 [c.public_bytes(Encoding.DER) for c in crls], config.max_frame)
+                                 [c.public_bytes(Encoding.DER) for c in self.policy.crls], config.max_frame)
         self.stopping = False
         self._server: asyncio.base_events.Server | None = None
         self._sessions: dict[asyncio.Task[None], Session] = {}
@@ -62,6 +63,60 @@ class RelayServer:
         # instead of locking out everyone else (slowloris); authenticated ones are capped per UID.
         self._handshaking: dict[asyncio.Task[None], Session] = {}
         self._per_user: dict[str, int] = {}
+
+    def _load_trust(self) -> None:
+        """(Re)read the CRL and build the TLS context and validation policy from it."""
+        crls = load_crl_file(self.config.crl) if self.config.crl else []
+        policy = TrustPolicy(self.anchors, crls, self.config.org_unit)
+        # Refuse a certificate our own clients would reject (expired, revoked ...).
+        policy.validate(self.keystore.cert, self.keystore.chain, role="server")
+        self.ssl_context = server_context(self.keystore, self.anchors, crls)
+        self.policy = policy
+        if hasattr(self, "handlers"):
+            self.handlers.crls_der = [c.public_bytes(Encoding.DER) for c in crls]
+
+    def _crl_file_stamp(self) -> tuple[int, int] | None:
+        if not self.config.crl:
+            return None
+        try:
+            st = os.stat(self.config.crl)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def reload_crl(self, reason: str = "signal") -> bool:
+        """Use the CA's newest CRL for connections from now on (SIGHUP, or the file changed)."""
+        try:
+            self._load_trust()
+        except PkiError as exc:
+            self.audit.event("crl_reload_failed", reason=str(exc))
+            return False
+        self._crl_stamp = self._crl_file_stamp()
+        self.audit.event("crl_reloaded", trigger=reason, crls=len(self.policy.crls))
+        self._drop_revoked()
+        return True
+
+    def _drop_revoked(self) -> None:
+        """Close the connections of users the new CRL revokes: a revocation takes effect at once."""
+        for session in list(self._sessions.values()):
+            cert = session.peer.cert if session.peer else None
+            if cert is None:
+                continue
+            if any(crl.issuer == cert.issuer and crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+                   for crl in self.policy.crls):
+                self.audit.event("connection_closed", peer=session.addr, uid=session.peer.uid,
+                                 reason="certificate revoked")
+                session.abort()
+
+    def _maybe_reload_crl(self) -> None:
+        """The CA rewrites crl.pem when it revokes: notice within ``crl_check_interval`` seconds."""
+        now = time.monotonic()
+        if not self.config.crl or now - self._crl_checked < self.config.crl_check_interval:
+            return
+        self._crl_checked = now
+        stamp = self._crl_file_stamp()
+        if stamp is not None and stamp != self._crl_stamp:
+            self.reload_crl("file changed")
 
     @property
     def port(self) -> int:
@@ -116,6 +171,7 @@ class RelayServer:
                              reason="shutting down" if self.stopping else "connection limit reached")
             writer.close()
             return
+        self._maybe_reload_crl()
         if len(self._handshaking) >= cfg.max_handshakes:
             oldest, victim = next(iter(self._handshaking.items()))
             self._handshaking.pop(oldest)

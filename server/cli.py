@@ -50,6 +50,7 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_crl)
     await stop.wait()
     print("msg-server: shutting down", file=sys.stderr, flush=True)
     await server.close()

@@ -28,5 +28,6 @@ class ServerConfig:
     max_frame: int = MAX_FRAME
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
+    crl_check_interval: float = 5.0  # how often the CRL file is checked for a newer version
     frame_timeout: float = 30.0  # a frame once begun must be complete within this (slowloris)
     org_unit: str | None = DEFAULT_ORG_UNIT

@@ -415,3 +415,33 @@ def test_shims_work_from_repo_root(relay, demo_dir, tmp_path):
     assert res.returncode == 0 and res.stderr == ""
     res = subprocess.run([sys.executable, "msg_server.py", "--help"], cwd=root, capture_output=True, text=True)
     assert res.returncode == 0 and "--users-dir" in res.stdout
+
+
+def test_revocation_takes_effect_without_a_restart(tmp_path):
+    """The relay notices the CA's new CRL: new connections are refused and open ones closed."""
+    ca = CertificateAuthority.init(tmp_path / "ca")
+    save_keystore(tmp_path / "MSG_SERVER.p12", ca.issue("MSG_SERVER", server=True), None)
+    user = ca.issue("SOON_REVOKED")
+    cfg = server_config(tmp_path, tmp_path, p12=str(tmp_path / "MSG_SERVER.p12"), crl=str(tmp_path / "ca" / "crl.pem"),
+                        users_dir=None, crl_check_interval=0)
+    server = ServerThread(cfg).start()
+
+    async def scenario():
+        open_client = RelayClient(user, "127.0.0.1", server.port, [ca.root], timeout=5)
+        await open_client.connect()
+        await open_client.queue()
+        ca.revoke(uid="SOON_REVOKED")
+        with pytest.raises((ClientError, ServerRejected)):
+            async with RelayClient(user, "127.0.0.1", server.port, [ca.root], timeout=5) as again:
+                await again.queue()
+        with pytest.raises(ClientError):
+            await open_client.queue()  # the connection opened before the revocation is gone too
+        await open_client.close()
+
+    try:
+        asyncio.run(scenario())
+        events = [json.loads(x) for x in (tmp_path / "audit.log").read_text().splitlines()]
+        assert any(e["event"] == "crl_reloaded" for e in events)
+        assert any(e.get("reason") == "certificate revoked" for e in events)
+    finally:
+        server.stop()
