@@ -100,3 +100,33 @@ def run_client(server: ServerThread | str, keystore: Path, *args: str, stdin: by
         sys.stdin, sys.stdout, sys.stderr = old
     raw = out.getvalue()
     return Result(code, raw.decode("utf-8", "replace"), err.getvalue(), raw)
+
+
+def private_pki(directory: Path, uids: Sequence[str] = (), key_type: str = "ecdsa-p256") -> Any:
+    """A CA of the test's own (one it may revoke in) in ``directory/ca``, the relay's keystore
+    ``MSG_SERVER.p12`` and one unprotected keystore per UID beside it."""
+    from pki.ca import CertificateAuthority
+    from pki.keystore import save_keystore
+
+    ca = CertificateAuthority.init(directory / "ca", key_type=key_type)
+    save_keystore(directory / "MSG_SERVER.p12", ca.issue("MSG_SERVER", server=True, key_type=key_type), None)
+    for uid in uids:
+        save_keystore(directory / f"{uid}.p12", ca.issue(uid, key_type=key_type), None)
+    return ca
+
+
+def private_relay(directory: Path, *, crl: bool = True, enroll: bool = True, **kw: Any) -> ServerThread:
+    """A relay for :func:`private_pki`'s CA, with its CRL unless ``crl=False`` (a relay with a stale CRL)."""
+    cfg = server_config(directory, directory, p12=str(directory / "MSG_SERVER.p12"),
+                        crl=str(directory / "ca" / "crl.pem") if crl else None,
+                        users_dir=str(directory) if enroll else None, **kw)
+    return ServerThread(cfg).start()
+
+
+def private_client(server: ServerThread, directory: Path, uid: str, *args: str, stdin: bytes = b"",
+                   with_crl: bool = False) -> Result:
+    """msg-client as ``uid`` of :func:`private_pki`, state in ``directory/st/uid``; ``with_crl`` passes
+    the CA's CRL file itself (``--crl``) instead of trusting the one the relay serves."""
+    extra = ["--crl", str(directory / "ca" / "crl.pem")] if with_crl else []
+    return run_client(server, directory / f"{uid}.p12", *args, stdin=stdin, state=directory / "st" / uid,
+                      extra=extra)

@@ -16,7 +16,6 @@ import pytest
 
 from client.cli import VERIFICATION_ERROR
 from client.connection import RelayClient
-from pki.ca import CertificateAuthority
 from pki.keystore import load_keystore, save_keystore
 from protocol import hpke
 from protocol.encoding import utc_now
@@ -25,7 +24,14 @@ from protocol.keyrecord import KeyRecord, KeyRecordError, parse_signed_record
 from protocol.messages import RemoteError
 
 from .certfactory import course_pki
-from .harness import ServerThread, run_client, server_config
+from .harness import (
+    ServerThread,
+    private_client,
+    private_pki,
+    private_relay,
+    run_client,
+    server_config,
+)
 
 
 def db(tmp_path: Path) -> sqlite3.Connection:
@@ -166,17 +172,12 @@ def test_key_record_signed_by_wrong_key(relay, demo_dir, tmp_path, user):
 
 
 def test_revocation_before_and_after_the_receipt_time(tmp_path, user):
-    ca = CertificateAuthority.init(tmp_path / "ca")
-    save_keystore(tmp_path / "MSG_SERVER.p12", ca.issue("MSG_SERVER", server=True), None)
-    for uid in ("EARLY", "LATE", "READER"):
-        save_keystore(tmp_path / f"{uid}.p12", ca.issue(uid), None)
+    ca = private_pki(tmp_path, ("EARLY", "LATE", "READER"))
     # The relay runs without the CRL, so a revoked sender can still submit (as with a stale CRL).
-    cfg = server_config(tmp_path, tmp_path, p12=str(tmp_path / "MSG_SERVER.p12"), crl=None, users_dir=str(tmp_path))
-    server = ServerThread(cfg).start()
+    server = private_relay(tmp_path, crl=False)
 
     def run(uid, *args, stdin=b""):
-        return run_client(server, tmp_path / f"{uid}.p12", *args, stdin=stdin, state=tmp_path / "st" / uid,
-                          extra=["--crl", str(tmp_path / "ca" / "crl.pem")])
+        return private_client(server, tmp_path, uid, *args, stdin=stdin, with_crl=True)
 
     try:
         assert run("READER", "askqueue").code == 0
@@ -197,13 +198,8 @@ def test_revocation_before_and_after_the_receipt_time(tmp_path, user):
 
 @pytest.mark.parametrize("key_type", ["ecdsa-p256", "ed25519"])
 def test_sender_key_types(tmp_path, key_type):
-    ca = CertificateAuthority.init(tmp_path / "ca", key_type=key_type)
-    save_keystore(tmp_path / "MSG_SERVER.p12", ca.issue("MSG_SERVER", server=True, key_type=key_type), None)
-    for uid in ("A", "B"):
-        save_keystore(tmp_path / f"{uid}.p12", ca.issue(uid, key_type=key_type), None)
-    cfg = server_config(tmp_path, tmp_path, p12=str(tmp_path / "MSG_SERVER.p12"),
-                        crl=str(tmp_path / "ca" / "crl.pem"), users_dir=str(tmp_path))
-    server = ServerThread(cfg).start()
+    private_pki(tmp_path, ("A", "B"), key_type)
+    server = private_relay(tmp_path)
     try:
         _round_trip(server, tmp_path, tmp_path / "A.p12", tmp_path / "B.p12")
     finally:
@@ -237,16 +233,11 @@ def test_receipts_are_kept_and_listed(relay, user):
 
 def test_messages_survive_the_senders_certificate_renewal(tmp_path):
     """A message is checked against the certificate it was sent with, not the sender's newest one."""
-    ca = CertificateAuthority.init(tmp_path / "ca")
-    save_keystore(tmp_path / "MSG_SERVER.p12", ca.issue("MSG_SERVER", server=True), None)
-    for uid in ("ANNA", "BEN"):
-        save_keystore(tmp_path / f"{uid}.p12", ca.issue(uid), None)
-    cfg = server_config(tmp_path, tmp_path, p12=str(tmp_path / "MSG_SERVER.p12"), crl=None, users_dir=str(tmp_path))
-    server = ServerThread(cfg).start()
+    ca = private_pki(tmp_path, ("ANNA", "BEN"))
+    server = private_relay(tmp_path, crl=False)
 
     def run(uid, *args, stdin=b""):
-        return run_client(server, tmp_path / f"{uid}.p12", *args, stdin=stdin, state=tmp_path / "st" / uid,
-                          extra=["--crl", str(tmp_path / "ca" / "crl.pem")])
+        return private_client(server, tmp_path, uid, *args, stdin=stdin, with_crl=True)
 
     try:
         assert run("BEN", "askqueue").code == 0
@@ -263,27 +254,18 @@ def test_messages_survive_the_senders_certificate_renewal(tmp_path):
 
 
 def test_receipts_survive_the_relays_certificate_renewal(tmp_path):
-    ca = CertificateAuthority.init(tmp_path / "ca")
-    save_keystore(tmp_path / "MSG_SERVER.p12", ca.issue("MSG_SERVER", server=True), None)
-    for uid in ("ANNA", "BEN"):
-        save_keystore(tmp_path / f"{uid}.p12", ca.issue(uid), None)
-
-    def start():
-        cfg = server_config(tmp_path, tmp_path, p12=str(tmp_path / "MSG_SERVER.p12"),
-                            crl=str(tmp_path / "ca" / "crl.pem"), users_dir=str(tmp_path))
-        return ServerThread(cfg).start()
-
+    ca = private_pki(tmp_path, ("ANNA", "BEN"))
     def run(server, uid, *args, stdin=b""):
-        return run_client(server, tmp_path / f"{uid}.p12", *args, stdin=stdin, state=tmp_path / "st" / uid)
+        return private_client(server, tmp_path, uid, *args, stdin=stdin)
 
-    server = start()
+    server = private_relay(tmp_path)
     assert run(server, "BEN", "askqueue").code == 0
     assert run(server, "ANNA", "send", "BEN", "before renewal", stdin=b"1").code == 0
     server.stop()
     time.sleep(1.1)
     ca.revoke(uid="MSG_SERVER", reason="superseded")
     save_keystore(tmp_path / "MSG_SERVER.p12", ca.issue("MSG_SERVER", server=True), None)
-    server = start()
+    server = private_relay(tmp_path)
     try:
         r = run(server, "BEN", "getmsg", "1")
         assert r.code == 0 and "before renewal" in r.out, r.err

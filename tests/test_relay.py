@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,12 +17,12 @@ from client.cli import COMMAND_ERROR, UNKNOWN_MESSAGE
 from client.connection import ClientError, RelayClient, ServerRejected
 from pki.ca import CertificateAuthority
 from pki.files import certs_to_pem
-from pki.keystore import Keystore, load_keystore, save_keystore
+from pki.keystore import Keystore, load_keystore
 from pki.tls import client_context, server_context
 from protocol.frames import FrameDecoder, decode_payload, encode_frame
 
 from .certfactory import DAY, NOW, Issuer, leaf
-from .harness import ServerThread, run_client, server_config
+from .harness import ServerThread, private_pki, private_relay, run_client, server_config
 
 
 def send(relay, user, sender, to, subject, body=b"hello"):
@@ -203,13 +204,10 @@ def test_no_client_certificate(relay, demo_ca):
 
 
 def test_revoked_client_refused(tmp_path):
-    ca = CertificateAuthority.init(tmp_path / "ca")
-    save_keystore(tmp_path / "MSG_SERVER.p12", ca.issue("MSG_SERVER", server=True, ip_addresses=("127.0.0.1",)), None)
+    ca = private_pki(tmp_path)
     good, bad = ca.issue("GOOD"), ca.issue("BAD")
     ca.revoke(uid="BAD")
-    cfg = server_config(tmp_path, tmp_path, p12=str(tmp_path / "MSG_SERVER.p12"), crl=str(tmp_path / "ca" / "crl.pem"),
-                        users_dir=None)
-    server = ServerThread(cfg).start()
+    server = private_relay(tmp_path, enroll=False)
     try:
         assert try_connect(server, good, [ca.root]) is None
         exc = try_connect(server, bad, [ca.root])
@@ -228,7 +226,7 @@ def test_client_rejects_server_of_another_ca(relay, tmp_path, demo_dir, user):
 
 
 def test_client_rejects_server_without_server_uid(demo_ca, demo_dir):
-    impostor = our_leaf(demo_ca, "MSG_CLI9", eku=[__import__("cryptography").x509.oid.ExtendedKeyUsageOID.SERVER_AUTH])
+    impostor = our_leaf(demo_ca, "MSG_CLI9", eku=[ExtendedKeyUsageOID.SERVER_AUTH])
     ctx = server_context(impostor, [demo_ca.root])
 
     async def go():
@@ -419,12 +417,9 @@ def test_shims_work_from_repo_root(relay, demo_dir, tmp_path):
 
 def test_revocation_takes_effect_without_a_restart(tmp_path):
     """The relay notices the CA's new CRL: new connections are refused and open ones closed."""
-    ca = CertificateAuthority.init(tmp_path / "ca")
-    save_keystore(tmp_path / "MSG_SERVER.p12", ca.issue("MSG_SERVER", server=True), None)
+    ca = private_pki(tmp_path)
     user = ca.issue("SOON_REVOKED")
-    cfg = server_config(tmp_path, tmp_path, p12=str(tmp_path / "MSG_SERVER.p12"), crl=str(tmp_path / "ca" / "crl.pem"),
-                        users_dir=None, crl_check_interval=0)
-    server = ServerThread(cfg).start()
+    server = private_relay(tmp_path, enroll=False, crl_check_interval=0)
 
     async def scenario():
         open_client = RelayClient(user, "127.0.0.1", server.port, [ca.root], timeout=5)
