@@ -7,6 +7,7 @@ a user can read only its own queue.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -46,11 +47,12 @@ class Peer:
     uid: str
     cert: x509.Certificate
 
-    @property
+    # Computed once per connection, not per request.
+    @cached_property
     def public_key(self) -> PublicKey:
         return self.cert.public_key()  # type: ignore[return-value]
 
-    @property
+    @cached_property
     def fingerprint(self) -> bytes:
         return self.cert.fingerprint(hashes.SHA256())
 
