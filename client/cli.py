@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -196,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"msg-client: {exc}")
     except KeyboardInterrupt:
         return _fail("msg-client: interrupted")
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -50,7 +51,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_issue(args: argparse.Namespace) -> int:
-    ca = CertificateAuthority.load(args.ca_dir, _passwords(args))
+    ca = CertificateAuthority.load(args.ca_dir, PasswordSource(file=args.ca_password_file or args.password_file))
     store = ca.issue(args.uid, cn=args.cn, server=args.server, dns_names=tuple(args.dns),
                      ip_addresses=tuple(args.ip), key_type=args.key_type, days=args.days)
     save_keystore(args.out, store, PasswordSource(file=args.password_file, prompt=False).given())
@@ -208,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ip", action="append", default=[])
     key_type(s)
     s.add_argument("--days", type=int, default=365)
-    s.add_argument("--password-file", help="protects the new keystore (and unlocks a protected CA key)")
+    s.add_argument("--password-file", help="protects the new keystore (and unlocks the CA key, "
+                   "unless --ca-password-file is given)")
+    s.add_argument("--ca-password-file", help="unlocks a password-protected CA key")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_issue)
 
@@ -279,6 +282,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("msg-pki: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`msg-pki inspect F | head`): not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -64,6 +64,9 @@ def test_encrypted_ca_keys(tmp_path: Path, capsys, monkeypatch) -> None:
     assert b"ENCRYPTED" in (d / "root.key").read_bytes()
     code, _, err = run(capsys, "issue", "--ca-dir", str(d), "--uid", "X", "--out", str(tmp_path / "x.p12"))
     assert code == 2 and "password" in err
+    out = tmp_path / "y.p12"
+    assert run(capsys, "issue", "--ca-dir", str(d), "--uid", "Y", "--ca-password-file", str(pw), "--out", str(out))[0] == 0
+    assert load_keystore(out).uid == "Y"  # the CA password unlocked the CA; the keystore itself is unprotected
     wrong = tmp_path / "wrong"
     wrong.write_text("nope")
     code, _, err = run(capsys, "revoke", "--ca-dir", str(d), "--uid", "X", "--password-file", str(wrong))
