@@ -9,7 +9,7 @@ PORT   ?= 7777
 SCAN   := .venv-scan
 SCAN_STAMP := $(SCAN)/.installed
 
-.PHONY: install pki test test-all run-server demo bench clean
+.PHONY: install pki test test-all lint run-server demo bench clean
 
 install: $(STAMP)
 
@@ -43,6 +43,12 @@ test: $(STAMP) $(SCAN_STAMP)
 
 test-all: $(STAMP) $(SCAN_STAMP)
 	MSG_RELAY_SSLYZE=$(CURDIR)/$(SCAN)/bin/sslyze HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest
+
+# Static checks (ruff, mypy); not part of `make test`, so a new checker release cannot turn CI red.
+lint: $(STAMP)
+	$(BIN)/python -m pip install --quiet ruff mypy
+	$(BIN)/ruff check pki protocol server client scripts tests msg_server.py msg_client.py
+	$(BIN)/mypy
 
 run-server: $(STAMP) $(CERTS)/MSG_SERVER.p12
 	$(BIN)/msg-server --p12 $(CERTS)/MSG_SERVER.p12 --crl $(CERTS)/ca/crl.pem --users-dir $(CERTS) --port $(PORT)

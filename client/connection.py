@@ -120,6 +120,7 @@ class RelayClient:
             raise ClientError(f"relay at {self.host}:{self.port} did not answer in time") from None
         except OSError as exc:
             raise ClientError(f"cannot reach the relay at {self.host}:{self.port} ({exc.strerror or exc})") from None
+        assert self._writer is not None
         cert = peer_certificate(self._writer.get_extra_info("ssl_object"))
         try:
             if cert is None:
@@ -183,7 +184,7 @@ class RelayClient:
 
     def _dispatch(self, obj: dict[str, Any]) -> None:
         if obj.get("id") is None and obj.get("ok") is False:
-            err = obj.get("error") if isinstance(obj.get("error"), dict) else {}
+            err: dict[str, Any] = obj["error"] if isinstance(obj.get("error"), dict) else {}
             msg = str(err.get("message", "request refused"))
             if err.get("code") == ErrorCode.NOT_AUTHORISED.value:
                 raise ServerRejected(f"the relay rejected our certificate: {msg}")

@@ -46,7 +46,7 @@ def describe_key(key: PublicKey | PrivateKey) -> tuple[str, int]:
     return type(key).__name__, 0
 
 
-def certificate_hash(key: PrivateKey) -> hashes.HashAlgorithm | None:
+def certificate_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384 | None:
     """The hash used when this key signs a certificate or CRL (None for Ed25519, which has its own)."""
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return None

@@ -6,6 +6,7 @@ always the same ``bad_request`` error naming the field, and unknown fields are i
 
 from __future__ import annotations
 
+import builtins
 import re
 from typing import Any
 
@@ -28,22 +29,22 @@ REQUIRED: Any = _Required()
 class Fields:
     """Typed access to a JSON object; raises ProtocolError(bad_request) carrying the request id."""
 
-    def __init__(self, obj: dict[str, Any], request_id: str | int | None = None) -> None:
+    def __init__(self, obj: dict[str, Any], request_id: builtins.str | int | None = None) -> None:
         self.obj = obj
         self.request_id = request_id
 
-    def fail(self, message: str, code: ErrorCode = ErrorCode.BAD_REQUEST) -> ProtocolError:
+    def fail(self, message: builtins.str, code: ErrorCode = ErrorCode.BAD_REQUEST) -> ProtocolError:
         return ProtocolError(code, message, self.request_id)
 
-    def has(self, name: str) -> bool:
+    def has(self, name: builtins.str) -> builtins.bool:
         return self.obj.get(name) is not None
 
-    def _get(self, name: str) -> Any:
+    def _get(self, name: builtins.str) -> Any:
         if name not in self.obj:
             raise self.fail(f"missing field {name!r}")
         return self.obj[name]
 
-    def str(self, name: str, max_len: int = 256) -> str:
+    def str(self, name: builtins.str, max_len: builtins.int = 256) -> builtins.str:
         value = self._get(name)
         if not isinstance(value, str):
             raise self.fail(f"field {name!r} must be a string")
@@ -51,7 +52,7 @@ class Fields:
             raise self.fail(f"field {name!r} longer than {max_len} characters", ErrorCode.TOO_LARGE)
         return value
 
-    def int(self, name: str, minimum: int = 0, maximum: int = MAX_INT) -> int:
+    def int(self, name: builtins.str, minimum: builtins.int = 0, maximum: builtins.int = MAX_INT) -> builtins.int:
         value = self._get(name)
         if not isinstance(value, int) or isinstance(value, bool):
             raise self.fail(f"field {name!r} must be an integer")
@@ -59,13 +60,13 @@ class Fields:
             raise self.fail(f"field {name!r} out of range {minimum}..{maximum}")
         return value
 
-    def bool(self, name: str) -> bool:
+    def bool(self, name: builtins.str) -> builtins.bool:
         value = self._get(name)
         if not isinstance(value, bool):
             raise self.fail(f"field {name!r} must be true or false")
         return value
 
-    def bytes(self, name: str, max_len: int) -> bytes:
+    def bytes(self, name: builtins.str, max_len: builtins.int) -> builtins.bytes:
         value = self._get(name)
         if isinstance(value, str) and len(value) > (max_len + 2) // 3 * 4:
             raise self.fail(f"field {name!r} larger than {max_len} bytes", ErrorCode.TOO_LARGE)
@@ -74,25 +75,25 @@ class Fields:
         except ProtocolError as exc:
             raise self.fail(exc.message) from None
 
-    def uid(self, name: str) -> str:
+    def uid(self, name: builtins.str) -> builtins.str:
         value = self.str(name, 64)
         if not is_valid_uid(value):
             raise self.fail(f"field {name!r} is not a valid UID")
         return value
 
-    def msg_id(self, name: str = "msg_id") -> str:
+    def msg_id(self, name: builtins.str = "msg_id") -> builtins.str:
         value = self.str(name, 32)
         if not MSG_ID_RE.fullmatch(value):
             raise self.fail(f"field {name!r} must be 32 lowercase hex digits")
         return value
 
-    def object(self, name: str) -> "Fields":
+    def object(self, name: builtins.str) -> "Fields":
         value = self._get(name)
         if not isinstance(value, dict):
             raise self.fail(f"field {name!r} must be an object")
         return Fields(value, self.request_id)
 
-    def list(self, name: str, max_items: int) -> list[Any]:
+    def list(self, name: builtins.str, max_items: builtins.int) -> builtins.list[Any]:
         value = self._get(name)
         if not isinstance(value, list):
             raise self.fail(f"field {name!r} must be a list")

@@ -99,9 +99,9 @@ class RelayServer:
     def _drop_revoked(self) -> None:
         """Close the connections of users the new CRL revokes: a revocation takes effect at once."""
         for session in list(self._sessions.values()):
-            cert = session.peer.cert if session.peer else None
-            if cert is None:
+            if session.peer is None:
                 continue
+            cert = session.peer.cert
             if any(crl.issuer == cert.issuer and crl.get_revoked_certificate_by_serial_number(cert.serial_number)
                    for crl in self.policy.crls):
                 self.audit.event("connection_closed", peer=session.addr, uid=session.peer.uid,
