@@ -234,13 +234,14 @@ class RelayClient:
         (fut,) = await self._submit([req])
         return parse_response(await self._wait(fut), req.op)
 
-    async def pipeline(self, requests: Sequence[Request]) -> list[Result | RemoteError]:
-        """Send all requests at once, then collect the responses in order."""
-        results: list[Result | RemoteError] = []
+    async def pipeline(self, requests: Sequence[Request]) -> list[Result | RemoteError | ClientError]:
+        """Send all requests at once, then collect the outcomes in order: a result, the relay's error,
+        or (for requests the connection was lost before answering) a ClientError."""
+        results: list[Result | RemoteError | ClientError] = []
         for req, fut in zip(requests, await self._submit(requests), strict=True):
             try:
                 results.append(parse_response(await self._wait(fut), req.op))
-            except RemoteError as exc:
+            except (RemoteError, ClientError) as exc:
                 results.append(exc)
         return results
 

@@ -154,3 +154,38 @@ def test_sigkill_loses_no_acknowledged_message(demo_dir, tmp_path):
         opened = open_envelope(stored, reader=RECIPIENT, sender=sender, msg_id=msg_id,
                                sender_key=sender_certs[sender].public_key(), keyring=keyring)
         assert opened.inner.body.startswith(f"body {sender} ".encode())
+
+
+def test_sigterm_finishes_in_flight_requests(demo_dir, tmp_path):
+    """SIGTERM: stop accepting, answer what is in flight, close the store; exit code 0."""
+    relay = RelayProcess(demo_dir, tmp_path)
+    relay.start()
+    stores = {u: load_keystore(demo_dir / f"{u}.p12") for u in ("MSG_CLI1", RECIPIENT)}
+    anchors = stores[RECIPIENT].ca_certificates()
+    own = Keyring(ClientState(tmp_path / "recipient"), RECIPIENT).ensure(stores[RECIPIENT].key, "X25519")
+
+    async def scenario() -> list:
+        async with RelayClient(stores[RECIPIENT], "127.0.0.1", relay.port, anchors) as c:
+            await c.publish_key(own.record.to_bytes(), own.signature)
+        async with RelayClient(stores["MSG_CLI1"], "127.0.0.1", relay.port, anchors, timeout=10) as c:
+            reqs = []
+            for i in range(200):
+                mid = os.urandom(16).hex()
+                inner = InnerMessage("MSG_CLI1", RECIPIENT, mid, utc_now(), f"s{i}", b"b")
+                reqs.append(c.send_request(RECIPIENT, mid, seal(inner, stores["MSG_CLI1"].key, own.record)))
+            pending = asyncio.ensure_future(c.pipeline(reqs))
+            await asyncio.sleep(0.01)
+            relay.proc.send_signal(signal.SIGTERM)
+            return await pending
+
+    results = asyncio.run(scenario())
+    assert relay.proc.wait(20) == 0
+    answered = [not isinstance(r, Exception) for r in results]
+    assert answered[0] and answered == sorted(answered, reverse=True)  # answers, then only unread ones
+    assert not any(isinstance(r, Exception) and not isinstance(r, ClientError) for r in results)
+    receipts = [r.receipt for r in results if not isinstance(r, Exception)]
+    db = sqlite3.connect(tmp_path / "relay.db")
+    stored = {row[0] for row in db.execute("SELECT msg_id FROM messages")}
+    assert {r.msg_id for r in receipts} <= stored
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert '"event":"server_stopped"' in (tmp_path / "audit.log").read_text()
