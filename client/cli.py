@@ -93,6 +93,13 @@ def _fail(line: str, detail: str | None = None, verbose: bool = False) -> int:
     return 1
 
 
+def printable_body(body: bytes) -> bytes:
+    """The body as shown on a terminal: escape sequences and other controls made visible, so a
+    message cannot drive the reader's terminal. Piped or redirected output stays byte-exact."""
+    text = body.decode("utf-8", "replace")
+    return "".join(c if c in "\n\t" or c.isprintable() else f"\\x{ord(c):02x}" for c in text).encode()
+
+
 def parse_server(text: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[IPv6]:PORT``."""
     host, sep, port = text.rpartition(":")
@@ -161,8 +168,9 @@ async def _run(opts: argparse.Namespace) -> int:
             sys.stdout.write(f"From: {inner.sender}\nTo: {inner.recipient}\nSubject: {inner.subject}\n"
                              f"Date: {format_time(msg.receipt.server_time)}\nMessage-Id: {inner.msg_id}\n\n")
             sys.stdout.flush()
-            sys.stdout.buffer.write(inner.body)
-            if inner.body and not inner.body.endswith(b"\n"):
+            body = printable_body(inner.body) if sys.stdout.isatty() else inner.body
+            sys.stdout.buffer.write(body)
+            if body and not body.endswith(b"\n"):
                 sys.stdout.buffer.write(b"\n")
             sys.stdout.flush()
     return 0

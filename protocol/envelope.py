@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -51,11 +52,16 @@ class VerificationError(Exception):
     """A message failed an end-to-end check; ``str()`` is the detail shown with ``--verbose``."""
 
 
+# Control and format characters (terminal escapes, bidi overrides) and line separators: a subject
+# is printed on one line of someone's terminal and must not be able to rewrite what is around it.
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
 def check_subject(subject: str) -> str:
-    """Subjects are printed one per line: no control characters, bounded length."""
+    """Subjects are printed one per line: printable characters only, bounded length."""
     if len(subject) > MAX_SUBJECT:
         raise ValueError(f"subject longer than {MAX_SUBJECT} characters")
-    if any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in subject):
+    if any(unicodedata.category(c) in _UNPRINTABLE for c in subject):
         raise ValueError("subject contains control characters")
     return subject
 

@@ -179,3 +179,19 @@ def test_submission_signature(keys):
     moved = Sealed(sealed.version, sealed.header, sealed.envelope + b" ")
     assert not verify_submission(a.cert.public_key(), sig, "MSG_CLI2", "b" * 32, moved)
     assert ciphertext_digest(sealed) != ciphertext_digest(moved)
+
+
+@pytest.mark.parametrize("subject", ["\x1b[2Jclear", "right\u202eto-left", "two\u2028lines", "tab\there", "nul\x00"])
+def test_subjects_that_could_rewrite_a_terminal_are_refused(subject):
+    from protocol.envelope import check_subject
+
+    with pytest.raises(ValueError):
+        check_subject(subject)
+    assert check_subject("Grüße, 日本 ✓") == "Grüße, 日本 ✓"
+
+
+def test_body_shown_on_a_terminal_is_defanged():
+    from client.cli import printable_body
+
+    assert printable_body(b"hi\x1b[2J\n\tok") == b"hi\\x1b[2J\n\tok"
+    assert printable_body("Grüße\n".encode()) == "Grüße\n".encode()
