@@ -11,10 +11,9 @@ import secrets
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
 from pki.errors import ValidationError
-from pki.identity import MSG_SERVER
+from pki.identity import MSG_SERVER, cert_fingerprint
 from pki.validation import Role, TrustPolicy
 from protocol.encoding import utc_now
 from protocol.envelope import (
@@ -102,7 +101,7 @@ class Mailbox:
         """The receipt is signed by a certificate of MSG_SERVER valid at the receipt's time: the one we
         are connected to, or an earlier one of the relay's (it renews its certificate too)."""
         cert = self.client.server_cert
-        if cert is None or cert.fingerprint(hashes.SHA256()) != receipt.signer:
+        if cert is None or cert_fingerprint(cert) != receipt.signer:
             cert, _ = await self.validated_certificate(MSG_SERVER, receipt.server_time, receipt.signer, "server")
         if not receipt.verify(cert.public_key()):  # type: ignore[arg-type]
             raise VerificationError("receipt is not signed by the relay (MSG_SERVER)")
@@ -164,7 +163,7 @@ class Mailbox:
             raise VerificationError(f"sender certificate rejected: {exc}") from None
         if identity.uid != uid:
             raise VerificationError(f"directory certificate is for {identity.uid}, not {uid}")
-        if fingerprint is not None and certs[0].fingerprint(hashes.SHA256()) != fingerprint:
+        if fingerprint is not None and cert_fingerprint(certs[0]) != fingerprint:
             raise VerificationError("directory returned another certificate than the one asked for")
         return certs[0], entry
 

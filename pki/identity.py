@@ -6,10 +6,12 @@ CN is only a readable name and is never used for access decisions.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 MSG_CA = "MSG_CA"
@@ -47,6 +49,12 @@ def uid_of(cert: x509.Certificate) -> str | None:
     """The certificate's UID (PSEUDONYM), or None when it has none or an unusable one."""
     uid = _single_attribute(cert.subject, NameOID.PSEUDONYM)
     return uid if uid is not None and is_valid_uid(uid) else None
+
+
+def cert_fingerprint(cert: x509.Certificate | bytes) -> bytes:
+    """SHA-256 of the certificate's DER: how the relay names one certificate among a user's several."""
+    der = cert if isinstance(cert, bytes) else cert.public_bytes(serialization.Encoding.DER)
+    return hashlib.sha256(der).digest()
 
 
 def cn_of(cert: x509.Certificate) -> str | None:

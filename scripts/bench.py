@@ -29,12 +29,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cryptography.hazmat.primitives import hashes  # noqa: E402
-
 from client.connection import RelayClient  # noqa: E402
 from client.keys import Keyring  # noqa: E402
 from client.state import ClientState  # noqa: E402
 from pki.cli import make_demo  # noqa: E402
+from pki.identity import cert_fingerprint  # noqa: E402
 from pki.keystore import Keystore, load_keystore  # noqa: E402
 from pki.tls import client_context  # noqa: E402
 from protocol.encoding import utc_now  # noqa: E402
@@ -342,10 +341,10 @@ def prefill(world: World, db: Path, total: int, unread_for_bulk: int) -> None:
     from server.store import SQLiteStore, Submission
 
     server = load_keystore(world.certs / "MSG_SERVER.p12")
-    server_key, signer = server.key, server.cert.fingerprint(hashes.SHA256())
+    server_key, signer = server.key, cert_fingerprint(server.cert)
     store = SQLiteStore(str(db))
     template = world.sealed(1)[0][1]
-    fingerprint = world.stores[SENDER].cert.fingerprint(hashes.SHA256())
+    fingerprint = cert_fingerprint(world.stores[SENDER].cert)
     have = store.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
     bulk = store.db.execute("SELECT COUNT(*) FROM messages WHERE recipient=?", (BULK,)).fetchone()[0]
     batch: list[Submission] = []

@@ -18,7 +18,7 @@ from pki.files import (
     load_crl_file,
     read_bytes,
 )
-from pki.identity import MSG_SERVER
+from pki.identity import MSG_SERVER, cert_fingerprint
 from pki.keystore import load_keystore, parse_keystore
 from pki.tls import server_context
 from pki.validation import TrustPolicy, check_profile
@@ -27,7 +27,7 @@ from .audit import AuditLog
 from .config import ServerConfig
 from .handlers import Handlers, UserRegistry
 from .session import Session
-from .store import AsyncStore, SQLiteStore, cert_fingerprint
+from .store import AsyncStore, SQLiteStore
 
 log = logging.getLogger("msg_relay.server")
 

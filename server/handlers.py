@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from pki.identity import cert_fingerprint
 from pki.keys import PublicKey
 from protocol.envelope import Sealed, verify_submission
 from protocol.errors import ErrorCode, ProtocolError
@@ -54,7 +54,7 @@ class Peer:
 
     @cached_property
     def fingerprint(self) -> bytes:
-        return self.cert.fingerprint(hashes.SHA256())
+        return cert_fingerprint(self.cert)
 
 
 class UserRegistry:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import hashlib
 import json
 import sqlite3
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar, Union
 
+from pki.identity import cert_fingerprint
 from protocol.encoding import format_time, parse_time, utc_now
 from protocol.envelope import Sealed, ciphertext_digest
 from protocol.fields import Fields
@@ -212,10 +212,6 @@ class SQLiteStore(MessageStore):
 
     def close(self) -> None:
         self.db.close()
-
-
-def cert_fingerprint(cert_der: bytes) -> bytes:
-    return hashlib.sha256(cert_der).digest()
 
 
 def _receipt(text: str) -> Receipt:
