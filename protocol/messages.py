@@ -326,8 +326,10 @@ def parse_response(obj: dict[str, Any], op: str) -> Result:
     raise RemoteError(err.str("code", 64), err.str("message", 1024))
 
 
-def queue_page(entries: list[QueueEntry], rid: RequestId, max_frame: int) -> QueueResult:
-    """As many entries as fit in one frame; ``more`` tells the client to ask again after the last."""
+def queue_page(entries: list[QueueEntry], rid: RequestId, max_frame: int, exhausted: bool = True) -> QueueResult:
+    """As many entries as fit in one frame; ``more`` tells the client to ask again after the last.
+
+    ``exhausted`` says whether ``entries`` are all there is (else a full page still has ``more``)."""
     budget = max_frame - len(json.dumps(ok_response(rid, QueueResult([], True)))) - 16
     taken: list[QueueEntry] = []
     for e in entries:
@@ -336,4 +338,4 @@ def queue_page(entries: list[QueueEntry], rid: RequestId, max_frame: int) -> Que
             return QueueResult(taken, True)
         budget -= size
         taken.append(e)
-    return QueueResult(taken, False)
+    return QueueResult(taken, not exhausted)

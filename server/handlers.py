@@ -110,15 +110,22 @@ class Handlers:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "unsupported operation", req.id)
 
     async def send(self, req: SendRequest, peer: Peer) -> SendResult:
+        return await self.commit_send(req, await self.admit_send(req, peer))
+
+    async def admit_send(self, req: SendRequest, peer: Peer) -> Submission:
+        """The checks before storing: a known recipient and the sender's signature over the submission."""
         if not await self.users.known(req.to):
             raise ProtocolError(ErrorCode.UNKNOWN_RECIPIENT, f"unknown recipient {req.to}", req.id)
         sealed = Sealed(req.envelope_version, req.header, req.envelope)
         if not verify_submission(peer.public_key, req.signature, req.to, req.msg_id, sealed):
             raise ProtocolError(ErrorCode.BAD_SIGNATURE,
                                 "submission signature does not verify against your certificate", req.id)
+        return Submission(peer.uid, req.to, req.msg_id, sealed, peer.fingerprint)
+
+    async def commit_send(self, req: SendRequest, submission: Submission) -> SendResult:
+        """Store an admitted send; it joins the store's queue before this coroutine first yields."""
         try:
-            receipt, _created = await self.store.add_message(
-                Submission(peer.uid, req.to, req.msg_id, sealed, peer.fingerprint))
+            receipt, _created = await self.store.add_message(submission)
         except DuplicateMessage:
             raise ProtocolError(ErrorCode.DUPLICATE, "a different message was already sent with this msg_id",
                                 req.id) from None
@@ -126,10 +133,7 @@ class Handlers:
 
     async def queue(self, req: QueueRequest, peer: Peer) -> Result:
         entries = await self.store.call(self.store.store.list_unread, peer.uid, req.after, QUEUE_BATCH)
-        page = queue_page(entries, req.id, self.max_frame)
-        if not page.more and len(entries) == QUEUE_BATCH:
-            page = type(page)(page.entries, True)
-        return page
+        return queue_page(entries, req.id, self.max_frame, exhausted=len(entries) < QUEUE_BATCH)
 
     async def get(self, req: GetRequest, peer: Peer) -> GetResult:
         msg = await self.store.call(self.store.store.get_message, peer.uid, req.num)

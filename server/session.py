@@ -11,7 +11,8 @@ import asyncio
 import logging
 import ssl
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -22,6 +23,7 @@ from protocol.errors import ErrorCode, FrameError, ProtocolError
 from protocol.frames import FrameDecoder, decode_payload, encode_frame
 from protocol.messages import (
     Request,
+    Result,
     SendRequest,
     error_response,
     ok_response,
@@ -155,52 +157,63 @@ class Session:
                 self.busy = False
 
     async def _respond_all(self, payloads: list[bytes]) -> list[dict]:
-        """Responses in request order. A run of consecutive ``send`` requests is executed together, so
-        its messages share one group commit; any other request waits until everything before it is done."""
+        """Responses in request order.
+
+        A run of consecutive ``send`` requests is admitted one by one (recipient, signature) and then
+        stored together: their messages share one group commit and get queue numbers in request order.
+        Any other request waits until everything before it is done.
+        """
+        assert self.peer is not None
         responses: list[dict] = []
-        sends: list[asyncio.Task[dict]] = []
+        sends: list[asyncio.Future[dict] | dict] = []
         for payload in payloads:
             parsed = self._parse(payload)
             if isinstance(parsed, SendRequest):
-                # Task creation order is enqueue order in the store: queue numbers follow request order.
-                sends.append(asyncio.ensure_future(self._execute(parsed, len(payload))))
+                try:
+                    submission = await self.app.handlers.admit_send(parsed, self.peer)
+                except ProtocolError as exc:
+                    sends.append(self._refused(parsed, len(payload), exc))
+                    continue
+                # Tasks start in creation order and enqueue before their first yield.
+                sends.append(asyncio.ensure_future(
+                    self._execute(parsed, len(payload), self.app.handlers.commit_send(parsed, submission))))
                 continue
-            if sends:
-                responses += await asyncio.gather(*sends)
-                sends = []
+            responses += [s if isinstance(s, dict) else await s for s in sends]
+            sends = []
             responses.append(parsed if isinstance(parsed, dict) else await self._execute(parsed, len(payload)))
-        if sends:
-            responses += await asyncio.gather(*sends)
+        responses += [s if isinstance(s, dict) else await s for s in sends]
         return responses
 
     def _parse(self, payload: bytes) -> Request | dict:
         """A typed request, or the error response for a frame that is not one."""
         assert self.peer is not None
-        rid = None
         try:
-            obj = decode_payload(payload)
-            rid = obj.get("id") if isinstance(obj.get("id"), (str, int)) and not isinstance(obj.get("id"), bool) else None
-            return parse_request(obj)
+            return parse_request(decode_payload(payload))
         except ProtocolError as exc:
             self.app.audit.event("request", peer=self.addr, uid=self.peer.uid, result=exc.code.value,
                                  size=len(payload), reason=exc.message)
-            return error_response(exc.request_id if exc.request_id is not None else rid, exc.code, exc.message)
+            return error_response(exc.request_id, exc.code, exc.message)
 
-    async def _execute(self, req: Request, size: int) -> dict:
+    async def _execute(self, req: Request, size: int, work: Coroutine[Any, Any, Result] | None = None) -> dict:
+        """Run a request (``work``, or its handler) and turn the outcome into a response."""
         assert self.peer is not None
         try:
-            result = await self.app.handlers.handle(req, self.peer)
+            result = await (work if work is not None else self.app.handlers.handle(req, self.peer))
             self.app.audit.event("request", peer=self.addr, uid=self.peer.uid, op=req.op, result="ok",
                                  size=size, **_audit_fields(req, result))
             return ok_response(req.id, result)
         except ProtocolError as exc:
-            self.app.audit.event("request", peer=self.addr, uid=self.peer.uid, op=req.op, result=exc.code.value,
-                                 size=size, reason=exc.message)
-            return error_response(req.id, exc.code, exc.message)
+            return self._refused(req, size, exc)
         except Exception:  # noqa: BLE001 - one broken request must not end the connection or the server
             log.exception("internal error handling %s from %s", req.op, self.peer.uid)
             self.app.audit.event("request", peer=self.addr, uid=self.peer.uid, op=req.op, result="internal")
             return error_response(req.id, ErrorCode.INTERNAL, "internal server error")
+
+    def _refused(self, req: Request, size: int, exc: ProtocolError) -> dict:
+        assert self.peer is not None
+        self.app.audit.event("request", peer=self.addr, uid=self.peer.uid, op=req.op, result=exc.code.value,
+                             size=size, reason=exc.message)
+        return error_response(req.id, exc.code, exc.message)
 
 
 def _audit_fields(req: object, result: object) -> dict:
