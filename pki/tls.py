@@ -84,7 +84,6 @@ def client_context(store: Keystore, anchors: Sequence[x509.Certificate],
                    crls: Sequence[x509.CertificateRevocationList] = ()) -> ssl.SSLContext:
     ctx = _base(ssl.PROTOCOL_TLS_CLIENT, store, anchors, crls)
     ctx.check_hostname = False  # replaced by the MSG_SERVER UID check after the handshake
-    ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
 

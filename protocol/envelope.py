@@ -38,13 +38,13 @@ from .encoding import (
 )
 from .errors import ProtocolError
 from .fields import Fields
+from .frames import loads_object
 from .keyrecord import KeyRecord
 
 MAX_BODY = 1000
 MAX_SUBJECT = 200
 ENVELOPE_V1 = 1
 ENVELOPE_V2 = 2
-SUPPORTED_VERSIONS = (ENVELOPE_V1, ENVELOPE_V2)
 KEY_ID_LEN = 8
 
 
@@ -83,10 +83,7 @@ class InnerMessage:
     @classmethod
     def from_bytes(cls, data: bytes) -> "InnerMessage":
         try:
-            obj = json.loads(data.decode("utf-8"))
-            if not isinstance(obj, dict):
-                raise ValueError("not an object")
-            f = Fields(obj)
+            f = Fields(loads_object(data))
             body = f.bytes("body", MAX_BODY)
             subject = check_subject(f.str("subject", MAX_SUBJECT))
             return cls(f.uid("from"), f.uid("to"), f.msg_id(), parse_time(f.str("sent_at", 40)), subject, body)
@@ -114,12 +111,9 @@ def _json(doc: dict[str, Any]) -> bytes:
 
 def _load(data: bytes, what: str) -> Fields:
     try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise VerificationError(f"{what} is not valid JSON") from None
-    if not isinstance(obj, dict):
-        raise VerificationError(f"{what} is not a JSON object")
-    return Fields(obj)
+        return Fields(loads_object(data))
+    except ValueError as exc:
+        raise VerificationError(f"{what} {exc}") from None
 
 
 class Keyring(Protocol):

@@ -17,7 +17,6 @@ class ErrorCode(str, Enum):
     UNKNOWN_RECIPIENT = "unknown_recipient"
     UNKNOWN_MESSAGE = "unknown_message"
     UNKNOWN_USER = "unknown_user"
-    NO_KEY = "no_key"
     DUPLICATE = "duplicate"
     BUSY = "busy"
     INTERNAL = "internal"

@@ -62,22 +62,34 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def decode_payload(payload: bytes) -> dict[str, Any]:
-    """Parse one frame body into a JSON object (never anything else)."""
+def loads_object(data: bytes) -> dict[str, Any]:
+    """Strict JSON: UTF-8, one object, nesting at most MAX_DEPTH, no duplicate keys, no NaN/Infinity.
+
+    The one JSON rule of the protocol, for frames and for the JSON inside envelopes and key records;
+    ValueError says what is wrong.
+    """
     try:
-        text = payload.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise FrameError(ErrorCode.BAD_REQUEST, "frame is not valid UTF-8") from None
+        raise ValueError("is not valid UTF-8") from None
     if not _depth_ok(text):
-        raise FrameError(ErrorCode.BAD_REQUEST, f"JSON nested deeper than {MAX_DEPTH} levels")
+        raise ValueError(f"has JSON nested deeper than {MAX_DEPTH} levels")
     try:
         # Huge integers are refused by the int-parsing limit of CPython; NaN/Infinity are not JSON.
         obj = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError) as exc:
-        raise FrameError(ErrorCode.BAD_REQUEST, f"frame is not valid JSON ({exc.__class__.__name__})") from None
+        raise ValueError(f"is not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(obj, dict):
-        raise FrameError(ErrorCode.BAD_REQUEST, "frame must hold one JSON object")
+        raise ValueError("is not one JSON object")
     return obj
+
+
+def decode_payload(payload: bytes) -> dict[str, Any]:
+    """Parse one frame body into a JSON object (never anything else)."""
+    try:
+        return loads_object(payload)
+    except ValueError as exc:
+        raise FrameError(ErrorCode.BAD_REQUEST, f"frame {exc}") from None
 
 
 class FrameDecoder:

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 from pki.keys import PrivateKey, PublicKey, sign, verify_signature
 
-from .encoding import b64e, format_time, parse_time, signing_input, utc_now
+from .encoding import b64e, format_time, parse_time, sha256, signing_input, utc_now
 from .errors import ProtocolError
 from .fields import Fields
+from .frames import loads_object
 
 KEMS = ("MLKEM768_X25519", "X25519")
 DEFAULT_KEM = "MLKEM768_X25519"
@@ -41,8 +42,6 @@ class KeyRecord:
     @property
     def key_id(self) -> str:
         """A short name for the key: which private key a sealed message needs."""
-        from .encoding import sha256
-
         return sha256(self.kem.encode(), self.public_key).hex()[:16]
 
     def sign(self, key: PrivateKey) -> bytes:
@@ -55,10 +54,7 @@ def parse_signed_record(record: bytes, signature: bytes, expected_uid: str, owne
     if not verify_signature(owner_key, signature, signing_input(LABEL, record)):
         raise KeyRecordError("signature does not verify against the owner's certificate")
     try:
-        obj = json.loads(record.decode("utf-8"))
-        if not isinstance(obj, dict):
-            raise ValueError("not an object")
-        f = Fields(obj)
+        f = Fields(loads_object(record))
         rec = KeyRecord(f.uid("uid"), f.str("kem", 32), f.bytes("public_key", 2048),
                         parse_time(f.str("created", 40)), parse_time(f.str("expires", 40)))
     except (ValueError, ProtocolError) as exc:
