@@ -15,6 +15,10 @@ class KeystoreError(PkiError):
     """A keystore could not be read or written (corrupt, wrong password, no key ...)."""
 
 
+class WrongPassword(KeystoreError):
+    """The keystore is well-formed PKCS#12 but this password does not open it."""
+
+
 class ValidationError(PkiError):
     """A certificate was rejected.
 

@@ -15,11 +15,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
-from .errors import KeystoreError, PkiError
+from .errors import PkiError
 from .files import load_certificates, load_crls, read_bytes
 from .identity import cn_of, org_units_of, uid_of
 from .keys import describe_key
-from .keystore import looks_like_pkcs12, parse_keystore
+from .keystore import looks_like_pkcs12, open_keystore
 from .passwords import NO_PASSWORD, PasswordSource
 
 _NAMES = {NameOID.PSEUDONYM: "pseudonym"}
@@ -106,19 +106,7 @@ def inspect_bytes(data: bytes, name: str = "input", passwords: PasswordSource = 
         return {"type": "crl", "crls": [describe_crl(c) for c in crls]}
     if not looks_like_pkcs12(data):
         raise PkiError(f"{name}: not a certificate, CRL or PKCS#12 keystore")
-    store = None
-    for candidate in (None, b""):
-        try:
-            store = parse_keystore(data, candidate, name)
-            break
-        except KeystoreError:
-            continue
-    if store is None:
-        given = passwords.given()
-        if given is None and not passwords.prompt:
-            raise PkiError(f"{name}: not a certificate, CRL or readable keystore "
-                           "(a protected keystore needs --password-file)")
-        store = parse_keystore(data, passwords.obtain(name), name)
+    store = open_keystore(data, name, passwords)
     algo, bits = describe_key(store.key)
     return {"type": "pkcs12", "key": f"{algo} {bits} bits",
             "certificates": [describe_certificate(c) for c in [store.cert, *store.chain]]}

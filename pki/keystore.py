@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from .errors import KeystoreError, PkiError
+from .errors import KeystoreError, PkiError, WrongPassword
 from .files import read_bytes, write_atomic
 from .identity import uid_of
 from .keys import PrivateKey
@@ -66,7 +66,7 @@ def parse_keystore(data: bytes, password: bytes | None, name: str = "keystore") 
     try:
         p12 = pkcs12.load_pkcs12(data, password)
     except ValueError:
-        raise KeystoreError(f"{name}: wrong password or not a valid PKCS#12 keystore") from None
+        raise WrongPassword(f"{name}: wrong password or not a valid PKCS#12 keystore") from None
     except Exception as exc:  # noqa: BLE001 - unsupported algorithms surface as various types
         raise KeystoreError(f"{name}: cannot read keystore ({exc.__class__.__name__})") from None
     if p12.key is None:
@@ -98,24 +98,29 @@ def looks_like_pkcs12(data: bytes) -> bool:
     return 2 + n + int.from_bytes(data[2:2 + n], "big") == len(data)
 
 
+def open_keystore(data: bytes, name: str, passwords: PasswordSource = NO_PASSWORD) -> Keystore:
+    """Open PKCS#12 bytes: with the given password, else unprotected (no password or an empty one, as
+    the original service's keystores are), else with a password obtained from ``passwords``."""
+    if not looks_like_pkcs12(data):
+        raise KeystoreError(f"{name}: not a PKCS#12 keystore")
+    given = passwords.given()
+    if given is not None:
+        return parse_keystore(data, given, name)
+    for candidate in (None, b""):
+        try:
+            return parse_keystore(data, candidate, name)
+        except WrongPassword:
+            continue
+    return parse_keystore(data, passwords.obtain(name), name)
+
+
 def load_keystore(path: str | os.PathLike[str], passwords: PasswordSource = NO_PASSWORD) -> Keystore:
-    """Load a keystore, asking ``passwords`` only when the file is actually protected."""
+    """Load a keystore file, asking ``passwords`` only when it is actually protected."""
     try:
         data = read_bytes(path)
     except PkiError as exc:
         raise KeystoreError(str(exc)) from None
-    if not looks_like_pkcs12(data):
-        raise KeystoreError(f"{path}: not a PKCS#12 keystore")
-    given = passwords.given()
-    if given is not None:
-        return parse_keystore(data, given, str(path))
-    for candidate in (None, b""):
-        try:
-            return parse_keystore(data, candidate, str(path))
-        except KeystoreError as exc:
-            if "wrong password" not in str(exc):
-                raise
-    return parse_keystore(data, passwords.obtain(str(path)), str(path))
+    return open_keystore(data, str(path), passwords)
 
 
 def keystore_bytes(store: Keystore, password: bytes | None, friendly_name: str | None = None) -> bytes:

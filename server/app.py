@@ -19,7 +19,7 @@ from pki.files import (
     read_bytes,
 )
 from pki.identity import MSG_SERVER, cert_fingerprint
-from pki.keystore import load_keystore, parse_keystore
+from pki.keystore import load_keystore, open_keystore
 from pki.tls import server_context
 from pki.validation import TrustPolicy, check_profile
 
@@ -158,9 +158,9 @@ class RelayServer:
         if path.suffix.lower() not in (".p12", ".pfx"):
             return []
         try:
-            store = parse_keystore(data, None, str(path))
+            store = open_keystore(data, str(path))
         except KeystoreError:
-            return []  # protected keystores are not enrolled
+            return []  # protected keystores are not enrolled (no one to ask for the password)
         return [store.cert, *store.chain]
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
