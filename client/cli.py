@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from pki.errors import PkiError
+from pki.errors import MsgRelayError
 from pki.files import load_certificate_file, load_crl_file
 from pki.identity import is_valid_uid
 from pki.keystore import load_keystore
@@ -32,7 +32,7 @@ from protocol.messages import RemoteError
 
 from .connection import ClientError, RelayClient
 from .mailbox import Mailbox
-from .state import ClientState, StateError, default_state_dir
+from .state import ClientState, default_state_dir
 
 COMMAND_ERROR = "MSG RELAY SERVICE: command error!"
 UNKNOWN_MESSAGE = "MSG RELAY SERVICE: unknown message!"
@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.code == ErrorCode.UNKNOWN_MESSAGE.value:
             return _fail(UNKNOWN_MESSAGE, exc.message, verbose)
         return _fail(f"msg-client: the relay refused: {exc.message}")
-    except (ClientError, PkiError, StateError) as exc:
+    except MsgRelayError as exc:  # every other failure the library names: one line, no traceback
         return _fail(f"msg-client: {exc}")
     except KeyboardInterrupt:
         return _fail("msg-client: interrupted")

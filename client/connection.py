@@ -15,7 +15,7 @@ from typing import Any
 
 from cryptography import x509
 
-from pki.errors import ValidationError
+from pki.errors import MsgRelayError, ValidationError
 from pki.identity import DEFAULT_ORG_UNIT
 from pki.keystore import Keystore
 from pki.tls import client_context, peer_certificate
@@ -56,7 +56,7 @@ _REJECTION_ALERTS = {
 }
 
 
-class ClientError(Exception):
+class ClientError(MsgRelayError):
     """A failure to show the user as one line."""
 
 

@@ -11,13 +11,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pki.errors import PkiError
+from pki.errors import MsgRelayError, PkiError
 from pki.files import read_bytes, write_atomic
 from protocol.fields import Fields
 from protocol.receipts import Receipt
 
 
-class StateError(Exception):
+class StateError(MsgRelayError):
     """The state directory cannot be used."""
 
 

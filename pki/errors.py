@@ -7,7 +7,15 @@ Every failure a user can cause (a bad file, a wrong password, a rejected certifi
 from __future__ import annotations
 
 
-class PkiError(Exception):
+class MsgRelayError(Exception):
+    """The root of every error the MSG Relay library raises on purpose.
+
+    Each one carries a message that is one readable line, so a CLI that catches this one class
+    can print any failure without a traceback (httpx-style: one hierarchy, errors a user can act on).
+    """
+
+
+class PkiError(MsgRelayError):
     """A PKI operation failed for a reason the user can act on."""
 
 

@@ -23,6 +23,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pki.errors import MsgRelayError
 from pki.keys import PrivateKey, PublicKey, sign, verify_signature
 
 from . import hpke
@@ -48,7 +49,7 @@ ENVELOPE_V2 = 2
 KEY_ID_LEN = 8
 
 
-class VerificationError(Exception):
+class VerificationError(MsgRelayError):
     """A message failed an end-to-end check; ``str()`` is the detail shown with ``--verbose``."""
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from pki.errors import MsgRelayError
+
 
 class ErrorCode(str, Enum):
     BAD_REQUEST = "bad_request"
@@ -22,7 +24,7 @@ class ErrorCode(str, Enum):
     INTERNAL = "internal"
 
 
-class ProtocolError(Exception):
+class ProtocolError(MsgRelayError):
     """A request or frame the peer got wrong; becomes an error response (or a close, for framing)."""
 
     def __init__(self, code: ErrorCode, message: str, request_id: "str | int | None" = None) -> None:

@@ -13,6 +13,11 @@ from typing import Any
 from .errors import ErrorCode, FrameError
 
 MAX_FRAME = 9999
+# What a relay may be configured with: below the default the largest valid message (1000-byte body,
+# 200-character subject, RSA-4096 signatures, ML-KEM ciphertexts) could not be served back; above the
+# ceiling one connection's buffers stop being small.
+MIN_FRAME_LIMIT = MAX_FRAME
+MAX_FRAME_LIMIT = 1 << 20
 HEADER = struct.Struct(">I")
 # JSON nesting deeper than this is refused before it can exhaust the parser's recursion.
 MAX_DEPTH = 16

@@ -10,10 +10,12 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
+from pki.errors import MsgRelayError
+
 _MLKEM_SEED, _MLKEM_PUB, _X = 64, 1184, 32
 
 
-class HpkeError(Exception):
+class HpkeError(MsgRelayError):
     """Sealing or opening failed (wrong key, wrong info, tampered ciphertext, malformed key)."""
 
 

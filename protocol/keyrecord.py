@@ -10,6 +10,7 @@ import datetime as dt
 import json
 from dataclasses import dataclass
 
+from pki.errors import MsgRelayError
 from pki.keys import PrivateKey, PublicKey, sign, verify_signature
 
 from .encoding import b64e, format_time, parse_time, sha256, signing_input, utc_now
@@ -22,7 +23,7 @@ DEFAULT_KEM = "MLKEM768_X25519"
 LABEL = "keyrecord/v1"
 
 
-class KeyRecordError(Exception):
+class KeyRecordError(MsgRelayError):
     """A key record that must not be used (bad signature, wrong owner, expired, malformed)."""
 
 

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
+from pki.errors import MsgRelayError
+
 from . import PROTOCOL_VERSION
 from .encoding import b64e, format_time, parse_time
 from .errors import ErrorCode, ProtocolError
@@ -308,7 +310,7 @@ def error_response(rid: RequestId | None, code: ErrorCode, message: str) -> dict
     return {"v": PROTOCOL_VERSION, "id": rid, "ok": False, "error": {"code": code.value, "message": message}}
 
 
-class RemoteError(Exception):
+class RemoteError(MsgRelayError):
     """An error response from the relay, with its stable code."""
 
     def __init__(self, code: str, message: str) -> None:

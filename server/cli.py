@@ -9,12 +9,11 @@ import signal
 import sys
 from typing import Sequence
 
-from pki.errors import PkiError
+from pki.errors import MsgRelayError
 from pki.passwords import PasswordSource
 
 from .app import RelayServer
 from .config import DEFAULT_PORT, ServerConfig
-from .store import StoreError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           handshake_timeout=args.handshake_timeout)
     try:
         asyncio.run(serve(config))
-    except (PkiError, StoreError) as exc:
+    except MsgRelayError as exc:
         print(f"msg-server: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

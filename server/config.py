@@ -16,7 +16,8 @@ class ServerConfig:
     p12: str = "certs/MSG_SERVER.p12"
     passwords: PasswordSource = PasswordSource()
     ca: str | None = None
-    crl: str | None = None
+    crl: str | None = "certs/ca/crl.pem"  # the demo CA's, as `make pki` writes it
+    no_crl: bool = False  # run without revocation checking: only when asked for, with a warning
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     db: str = "relay.db"
@@ -29,5 +30,6 @@ class ServerConfig:
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
     crl_check_interval: float = 5.0  # how often the CRL file is checked for a newer version
+    crl_warn_days: float = 7.0  # warn (at start, then hourly in the audit log) this long before the CRL expires
     frame_timeout: float = 30.0  # a frame once begun must be complete within this (slowloris)
     org_unit: str | None = DEFAULT_ORG_UNIT

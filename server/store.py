@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar, Union
 
+from pki.errors import MsgRelayError
 from pki.identity import cert_fingerprint
 from protocol.encoding import format_time, parse_time, utc_now
 from protocol.envelope import Sealed, ciphertext_digest
@@ -112,7 +113,7 @@ CREATE INDEX IF NOT EXISTS messages_unread ON messages (recipient, read, num);
 """
 
 
-class StoreError(Exception):
+class StoreError(MsgRelayError):
     """The database cannot be opened or has an unknown schema."""
 
 
