@@ -11,6 +11,7 @@ import secrets
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from pki.errors import ValidationError
 from pki.identity import MSG_SERVER, cert_fingerprint
@@ -38,6 +39,7 @@ from protocol.messages import DirectoryResult, QueueEntry, StoredMessage
 from protocol.receipts import Receipt
 
 from .connection import ClientError, RelayClient
+from .crlcache import CrlCache, CrlOlder
 from .keys import Keyring, OwnKey
 from .state import ClientState
 
@@ -63,11 +65,28 @@ class NoRecipientKey(ClientError):
 
 class Mailbox:
     def __init__(self, client: RelayClient, state: ClientState, policy: TrustPolicy, kem: str = DEFAULT_KEM) -> None:
+        """``policy`` holds the trust anchors and any CRL the user gave (``--crl``); CRLs the relay serves
+        join them through the client's CRL cache, newest verified per CA."""
         self.client = client
         self.state = state
-        self.policy = policy
         self.kem = kem
         self.keyring = Keyring(state, client.uid)
+        self.crls = CrlCache(state, policy.anchors, client.keystore.intermediates())
+        for crl in policy.crls:
+            try:
+                self.crls.offer(crl.public_bytes(Encoding.DER))
+            except CrlOlder:
+                continue  # a --crl file older than the CRL we already verified: ours is the newer
+        self._base = policy
+        self._policy: TrustPolicy | None = None
+
+    async def policy(self) -> TrustPolicy:
+        """The trust policy with the newest CRLs: the relay's list is checked once per command, and
+        only a CRL newer than the one held is fetched."""
+        if self._policy is None:
+            await self.crls.refresh(self.client)
+            self._policy = TrustPolicy(self._base.anchors, self.crls.crls(), self._base.org_unit)
+        return self._policy
 
     async def ensure_published(self) -> OwnKey:
         """Make our encryption key on first use, and publish it whenever the relay lacks it."""
@@ -148,15 +167,7 @@ class Mailbox:
         if not certs:
             raise VerificationError(f"directory has no certificate for {uid}")
         pool = certs[1:] + self.client.keystore.intermediates()
-        policy = self.policy
-        if not policy.crls and entry.crls:
-            # No CRL of our own: use the CA's, as the relay serves it (signed by the CA, so the relay
-            # can at most withhold a newer one, not forge one).
-            try:
-                crls = [x509.load_der_x509_crl(c) for c in entry.crls]
-            except ValueError:
-                raise VerificationError("directory returned an unreadable CRL") from None
-            policy = TrustPolicy(policy.anchors, crls, policy.org_unit)
+        policy = await self.policy()
         try:
             identity = policy.validate(certs[0], pool, role=role, at=at)
         except ValidationError as exc:
@@ -181,4 +192,7 @@ class Mailbox:
                                               sender_key=cert.public_key(), keyring=self.keyring)  # type: ignore[arg-type]
         if not self.state.check_and_remember(receipt.sender, receipt.msg_id, msg.num, digest):
             raise VerificationError(f"replayed message: {receipt.msg_id} from {receipt.sender} was seen before")
+        if not msg.read:
+            # Only now: a message that fails any check above stays unread in the queue.
+            await self.client.mark_read(num)
         return ReadMessage(msg.num, opened.inner, receipt)

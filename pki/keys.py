@@ -88,3 +88,13 @@ def verify_signature(key: PublicKey, signature: bytes, data: bytes) -> bool:
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+def max_signature_size(key: PrivateKey | PublicKey) -> int:
+    """The longest signature :func:`sign` can make with ``key``: ECDSA signatures are DER and vary."""
+    if isinstance(key, (ed25519.Ed25519PrivateKey, ed25519.Ed25519PublicKey)):
+        return 64
+    if isinstance(key, (rsa.RSAPrivateKey, rsa.RSAPublicKey)):
+        return (key.key_size + 7) // 8
+    n = (key.curve.key_size + 7) // 8
+    return 2 * (n + 1) + 8  # SEQUENCE of two INTEGERs, each possibly with a leading zero byte

@@ -98,42 +98,61 @@ def decode_payload(payload: bytes) -> dict[str, Any]:
 
 
 class FrameDecoder:
-    """Incremental decoder: feed bytes in any chunking, get complete frame payloads out.
+    """Incremental decoder: bytes go in with :meth:`receive` in any chunking, whole frames come out.
 
+    Pull-based (the h11 ``receive_data``/``next_event`` style): the caller takes one payload at a time
+    with :meth:`next_payload`, so a relay decodes only as far ahead as it is willing to work, and a
+    client can raise ``max_size`` (after the relay's ``hello``) before the next frame is read.
     After a :class:`FrameError` the stream is out of sync and the decoder refuses further input.
     """
 
     def __init__(self, max_size: int = MAX_FRAME) -> None:
         self.max_size = max_size
         self._buf = bytearray()
+        self._pos = 0
         self._need: int | None = None
         self._broken = False
 
     @property
     def buffered(self) -> int:
-        """Bytes held that are not yet a whole frame (a half-sent frame, for idle-timeout logic)."""
-        return len(self._buf)
+        """Bytes held that are not yet taken as payloads (a half-sent frame, or frames not yet pulled)."""
+        return len(self._buf) - self._pos
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """Add ``data``; return the payloads of all frames now complete, in order."""
+    def receive(self, data: bytes) -> None:
         if self._broken:
             raise FrameError(ErrorCode.BAD_REQUEST, "stream already failed")
+        if self._pos:
+            del self._buf[:self._pos]  # compact once per read, not once per frame
+            self._pos = 0
         self._buf += data
+
+    def next_payload(self) -> bytes | None:
+        """The next complete frame's payload, or None until more bytes arrive."""
+        if self._broken:
+            raise FrameError(ErrorCode.BAD_REQUEST, "stream already failed")
+        if self._need is None:
+            if self.buffered < HEADER.size:
+                return None
+            (length,) = HEADER.unpack_from(self._buf, self._pos)
+            if length > self.max_size:
+                self._broken = True
+                self._buf.clear()
+                self._pos = 0
+                raise FrameError(ErrorCode.TOO_LARGE,
+                                 f"declared frame length {length} exceeds the limit of {self.max_size}")
+            self._pos += HEADER.size
+            self._need = length
+        if self.buffered < self._need:
+            return None
+        payload = bytes(self._buf[self._pos:self._pos + self._need])
+        self._pos += self._need
+        self._need = None
+        return payload
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """:meth:`receive`, then every payload now complete, in order."""
+        self.receive(data)
         out: list[bytes] = []
-        while True:
-            if self._need is None:
-                if len(self._buf) < HEADER.size:
-                    return out
-                (length,) = HEADER.unpack_from(self._buf)
-                if length > self.max_size:
-                    self._broken = True
-                    self._buf.clear()
-                    raise FrameError(ErrorCode.TOO_LARGE,
-                                     f"declared frame length {length} exceeds the limit of {self.max_size}")
-                del self._buf[:HEADER.size]
-                self._need = length
-            if len(self._buf) < self._need:
-                return out
-            out.append(bytes(self._buf[:self._need]))
-            del self._buf[:self._need]
-            self._need = None
+        while (payload := self.next_payload()) is not None:
+            out.append(payload)
+        return out

@@ -51,6 +51,17 @@ def _public(kem: str, data: bytes) -> object:
     raise HpkeError(f"malformed {kem} public key")
 
 
+def check_public(kem: str, data: bytes) -> None:
+    """HpkeError unless ``data`` is a well-formed public key for ``kem`` (length, and a usable point):
+    a record with a malformed key must be refused where it is read, not crash whoever seals to it."""
+    _public(kem, data)
+    try:
+        # A low-order X25519 point (all zeros, say) parses, but no shared secret can be made with it.
+        x25519.X25519PrivateKey.generate().exchange(x25519.X25519PublicKey.from_public_bytes(data[-_X:]))
+    except ValueError:
+        raise HpkeError(f"malformed {kem} public key (unusable X25519 point)") from None
+
+
 def _private(kem: str, data: bytes) -> object:
     try:
         if kem == "X25519" and len(data) == _X:
@@ -64,7 +75,10 @@ def _private(kem: str, data: bytes) -> object:
 
 
 def seal(kem: str, public_key: bytes, plaintext: bytes, info: bytes) -> bytes:
-    return _suite(kem).encrypt(plaintext, _public(kem, public_key), info=info)  # type: ignore[arg-type]
+    try:
+        return _suite(kem).encrypt(plaintext, _public(kem, public_key), info=info)  # type: ignore[arg-type]
+    except ValueError:
+        raise HpkeError(f"cannot seal to this {kem} public key") from None
 
 
 def open_sealed(kem: str, private_key: bytes, ciphertext: bytes, info: bytes) -> bytes:

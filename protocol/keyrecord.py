@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pki.errors import MsgRelayError
 from pki.keys import PrivateKey, PublicKey, sign, verify_signature
 
+from . import hpke
 from .encoding import b64e, format_time, parse_time, sha256, signing_input, utc_now
 from .errors import ProtocolError
 from .fields import Fields
@@ -64,6 +65,18 @@ def parse_signed_record(record: bytes, signature: bytes, expected_uid: str, owne
         raise KeyRecordError(f"key record is for {rec.uid}, not {expected_uid}")
     if rec.kem not in KEMS:
         raise KeyRecordError(f"unsupported KEM {rec.kem}")
+    try:
+        hpke.check_public(rec.kem, rec.public_key)
+    except hpke.HpkeError as exc:
+        raise KeyRecordError(str(exc)) from None
     if (now or utc_now()) > rec.expires:
         raise KeyRecordError("key record has expired")
     return rec
+
+
+def record_created(record: bytes) -> dt.datetime | None:
+    """When a stored record (verified when it was published) was made; None if it cannot be read."""
+    try:
+        return parse_time(Fields(loads_object(record)).str("created", 40))
+    except (ValueError, ProtocolError):
+        return None

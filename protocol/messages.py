@@ -7,9 +7,10 @@ On the wire every request is ``{"v": 1, "id": ..., "op": ..., <fields>}`` and ev
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
 from pki.errors import MsgRelayError
@@ -17,7 +18,8 @@ from pki.errors import MsgRelayError
 from . import PROTOCOL_VERSION
 from .encoding import b64e, format_time, parse_time
 from .errors import ErrorCode, ProtocolError
-from .fields import Fields
+from .fields import MAX_INT, Fields
+from .frames import MAX_FRAME_LIMIT, MIN_FRAME_LIMIT, FrameError, encode_frame
 from .receipts import Receipt
 
 RequestId = Union[str, int]
@@ -26,7 +28,8 @@ MAX_ENVELOPE = 8192    # sealed message; the frame limit is usually the tighter 
 MAX_SIGNATURE = 1024   # RSA-4096 is 512 bytes
 MAX_CHAIN = 8
 MAX_CERT = 8192
-MAX_CRL = 65536
+MAX_CRL = 16 << 20    # a CRL with 10 000 revocations is about 400 KB
+MAX_CRLS = 8          # CRLs in a relay's list (root and intermediate ones)
 
 
 def _request_id(obj: dict[str, Any]) -> RequestId:
@@ -128,9 +131,76 @@ class PublishKeyRequest:
         return cls(rid, f.bytes("record", 4096), f.bytes("signature", MAX_SIGNATURE))
 
 
-Request = Union[SendRequest, QueueRequest, GetRequest, DirectoryRequest, PublishKeyRequest]
-REQUEST_TYPES: dict[str, Any] = {t.op: t for t in (SendRequest, QueueRequest, GetRequest, DirectoryRequest,
-                                                   PublishKeyRequest)}
+@dataclass(frozen=True)
+class MarkReadRequest:
+    """Mark message ``num`` read: sent by a client only after it has verified the message, so a read
+    that fails (tampering, a revoked sender, the wrong state directory) leaves the queue as it was."""
+
+    op: ClassVar[str] = "mark_read"
+    id: RequestId
+    num: int
+
+    def fields(self) -> dict[str, Any]:
+        return {"num": self.num}
+
+    @classmethod
+    def parse(cls, rid: RequestId, f: Fields) -> "MarkReadRequest":
+        return cls(rid, f.int("num", 1))
+
+
+@dataclass(frozen=True)
+class HelloRequest:
+    """What the relay allows (its frame limit, its operations); a client pipelines it first."""
+
+    op: ClassVar[str] = "hello"
+    id: RequestId
+
+    def fields(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def parse(cls, rid: RequestId, f: Fields) -> "HelloRequest":
+        return cls(rid)
+
+
+@dataclass(frozen=True)
+class CrlListRequest:
+    """Which CRLs the relay holds, each with its number and digest (not the CRLs themselves)."""
+
+    op: ClassVar[str] = "crls"
+    id: RequestId
+
+    def fields(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def parse(cls, rid: RequestId, f: Fields) -> "CrlListRequest":
+        return cls(rid)
+
+
+@dataclass(frozen=True)
+class CrlRequest:
+    """A piece of the CRL with SHA-256 ``digest``, from byte ``offset``: a CRL with thousands of
+    revocations travels in pieces that each fit a frame."""
+
+    op: ClassVar[str] = "crl"
+    id: RequestId
+    digest: bytes
+    offset: int = 0
+
+    def fields(self) -> dict[str, Any]:
+        return {"digest": b64e(self.digest), "offset": self.offset}
+
+    @classmethod
+    def parse(cls, rid: RequestId, f: Fields) -> "CrlRequest":
+        return cls(rid, f.bytes("digest", 32), f.int("offset") if f.has("offset") else 0)
+
+
+Request = Union[SendRequest, QueueRequest, GetRequest, MarkReadRequest, DirectoryRequest, PublishKeyRequest,
+                HelloRequest, CrlListRequest, CrlRequest]
+REQUEST_TYPES: dict[str, Any] = {t.op: t for t in (SendRequest, QueueRequest, GetRequest, MarkReadRequest,
+                                                   DirectoryRequest, PublishKeyRequest, HelloRequest,
+                                                   CrlListRequest, CrlRequest)}
 
 
 def _check_version(obj: dict[str, Any], rid: RequestId | None) -> None:
@@ -268,23 +338,23 @@ class KeyRecordWire:
 
 @dataclass(frozen=True)
 class DirectoryResult:
-    """A user's certificate chain (DER, leaf first), published key record and the CA's CRLs (DER)."""
+    """A user's certificate chain (DER, leaf first) and published key record.
+
+    CRLs are not here: they grow with every revocation and travel through ``crls``/``crl``."""
 
     uid: str
     chain: list[bytes]
     key: KeyRecordWire | None = None
-    crls: list[bytes] = field(default_factory=list)
 
     def to_wire(self) -> dict[str, Any]:
         return {"uid": self.uid, "chain": [b64e(c) for c in self.chain],
-                "key": self.key.to_wire() if self.key else None, "crls": [b64e(c) for c in self.crls]}
+                "key": self.key.to_wire() if self.key else None}
 
     @classmethod
     def from_wire(cls, f: Fields) -> "DirectoryResult":
-        chain = [Fields({"c": c}).bytes("c", MAX_CERT) for c in f.list("chain", MAX_CHAIN)]
-        crls = [Fields({"c": c}).bytes("c", MAX_CRL) for c in f.list("crls", 4)] if f.has("crls") else []
+        chain = [Fields({"c": c}, f.request_id).bytes("c", MAX_CERT) for c in f.list("chain", MAX_CHAIN)]
         key = KeyRecordWire.from_wire(f.object("key")) if f.has("key") else None
-        return cls(f.uid("uid"), chain, key, crls)
+        return cls(f.uid("uid"), chain, key)
 
 
 @dataclass(frozen=True)
@@ -297,9 +367,91 @@ class PublishKeyResult:
         return cls()
 
 
-Result = Union[SendResult, QueueResult, GetResult, DirectoryResult, PublishKeyResult]
+@dataclass(frozen=True)
+class MarkReadResult:
+    def to_wire(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_wire(cls, f: Fields) -> "MarkReadResult":
+        return cls()
+
+
+@dataclass(frozen=True)
+class HelloResult:
+    """``max_frame``: the largest frame the relay reads and writes (9999 unless configured larger)."""
+
+    max_frame: int
+    ops: tuple[str, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"max_frame": self.max_frame, "ops": list(self.ops)}
+
+    @classmethod
+    def from_wire(cls, f: Fields) -> "HelloResult":
+        ops = f.list("ops", 64)
+        if not all(isinstance(o, str) and len(o) <= 32 for o in ops):
+            raise f.fail("field 'ops' must list operation names")
+        return cls(f.int("max_frame", MIN_FRAME_LIMIT, MAX_FRAME_LIMIT), tuple(ops))
+
+
+@dataclass(frozen=True)
+class CrlInfo:
+    """One CRL the relay holds: whose (SHA-256 of the issuer name, DER), which (CRL number) and its
+    digest and size, so a client fetches only a CRL newer than the one it has verified."""
+
+    issuer: bytes
+    number: int
+    digest: bytes
+    size: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"issuer": b64e(self.issuer), "number": self.number, "digest": b64e(self.digest), "size": self.size}
+
+    @classmethod
+    def from_wire(cls, f: Fields) -> "CrlInfo":
+        return cls(f.bytes("issuer", 32), f.int("number"), f.bytes("digest", 32), f.int("size", 1, MAX_CRL))
+
+
+@dataclass(frozen=True)
+class CrlListResult:
+    crls: list[CrlInfo]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"crls": [c.to_wire() for c in self.crls]}
+
+    @classmethod
+    def from_wire(cls, f: Fields) -> "CrlListResult":
+        items = f.list("crls", MAX_CRLS)
+        if not all(isinstance(i, dict) for i in items):
+            raise f.fail("CRL entries must be objects")
+        return cls([CrlInfo.from_wire(Fields(i, f.request_id)) for i in items])
+
+
+@dataclass(frozen=True)
+class CrlResult:
+    """``data`` is the CRL's bytes from ``offset``; ``total`` its whole size."""
+
+    digest: bytes
+    offset: int
+    total: int
+    data: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"digest": b64e(self.digest), "offset": self.offset, "total": self.total, "data": b64e(self.data)}
+
+    @classmethod
+    def from_wire(cls, f: Fields) -> "CrlResult":
+        return cls(f.bytes("digest", 32), f.int("offset"), f.int("total", 1, MAX_CRL),
+                   f.bytes("data", MAX_FRAME_LIMIT))
+
+
+Result = Union[SendResult, QueueResult, GetResult, MarkReadResult, DirectoryResult, PublishKeyResult, HelloResult,
+               CrlListResult, CrlResult]
 RESULT_TYPES: dict[str, Any] = {"send": SendResult, "queue": QueueResult, "get": GetResult,
-                                "directory": DirectoryResult, "publish_key": PublishKeyResult}
+                                "mark_read": MarkReadResult, "directory": DirectoryResult,
+                                "publish_key": PublishKeyResult, "hello": HelloResult, "crls": CrlListResult,
+                                "crl": CrlResult}
 
 
 def ok_response(rid: RequestId, result: Result) -> dict[str, Any]:
@@ -341,3 +493,29 @@ def queue_page(entries: list[QueueEntry], rid: RequestId, max_frame: int, exhaus
         budget -= size
         taken.append(e)
     return QueueResult(taken, not exhausted)
+
+
+def encode_response(response: dict[str, Any], max_frame: int) -> tuple[bytes, FrameError | None]:
+    """The frame for ``response``; one that would exceed the limit becomes a ``too_large`` error frame
+    for the same request, so an answer that outgrew the frame never ends the session."""
+    try:
+        return encode_frame(response, max_frame), None
+    except FrameError as exc:
+        rid = response.get("id")
+        message = f"the answer ({exc.message}) does not fit in a frame"
+        return encode_frame(error_response(rid, ErrorCode.TOO_LARGE, message), max_frame), exc
+
+
+# The widest request id a client may use (a 64-character string) and queue number: what a ``get``
+# answer for a stored message can cost beyond the message itself.
+_WIDEST_ID = "x" * 64
+
+
+def served_size(submission: StoredMessage) -> int:
+    """Bytes of the frame that serves ``submission`` back with ``get`` (the widest request id).
+
+    The relay refuses a ``send`` whose answer could not fit: otherwise a message would be stored that
+    its recipient can never read."""
+    widest = dataclasses.replace(submission, num=MAX_INT, read=False)
+    body = json.dumps(ok_response(_WIDEST_ID, GetResult(widest)), separators=(",", ":"), ensure_ascii=False)
+    return len(body.encode("utf-8")) + 4

@@ -6,7 +6,9 @@ a user can read only its own queue.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import datetime as dt
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from cryptography import x509
@@ -14,15 +16,27 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from pki.identity import cert_fingerprint
 from pki.keys import PublicKey
-from protocol.envelope import Sealed, verify_submission
+from protocol import crls as crl_wire
+from protocol.encoding import utc_now
+from protocol.envelope import Sealed, ciphertext_digest, verify_submission
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.keyrecord import KeyRecordError, parse_signed_record
+from protocol.keyrecord import KeyRecordError, parse_signed_record, record_created
 from protocol.messages import (
+    REQUEST_TYPES,
+    CrlInfo,
+    CrlListRequest,
+    CrlListResult,
+    CrlRequest,
+    CrlResult,
     DirectoryRequest,
     DirectoryResult,
     GetRequest,
     GetResult,
+    HelloRequest,
+    HelloResult,
     KeyRecordWire,
+    MarkReadRequest,
+    MarkReadResult,
     PublishKeyRequest,
     PublishKeyResult,
     QueueRequest,
@@ -30,10 +44,26 @@ from protocol.messages import (
     Result,
     SendRequest,
     SendResult,
+    StoredMessage,
     queue_page,
+    served_size,
 )
+from protocol.receipts import Receipt
 
 from .store import AsyncStore, DuplicateMessage, Submission
+
+
+@dataclass(frozen=True)
+class PublishedCrls:
+    """The CRLs the relay serves, as the wire describes them; replaced whole when the CA's CRL changes."""
+
+    infos: list[CrlInfo] = field(default_factory=list)
+    der: dict[bytes, bytes] = field(default_factory=dict)  # digest -> DER
+
+    @classmethod
+    def of(cls, crls: "list[x509.CertificateRevocationList]") -> "PublishedCrls":
+        described = [crl_wire.describe(c) for c in crls]
+        return cls([info for info, _ in described], {info.digest: der for info, der in described})
 
 # Rows fetched per queue page: more than a frame can carry of even the smallest entries, fewer than
 # would make every page re-read hundreds of rows it cannot send.
@@ -89,12 +119,13 @@ class UserRegistry:
 
 class Handlers:
     def __init__(self, store: AsyncStore, users: "UserRegistry", intermediates: list[x509.Certificate],
-                 crls_der: list[bytes], max_frame: int) -> None:
+                 crls: PublishedCrls, max_frame: int, receipt_signature_size: int) -> None:
         self.store = store
         self.users = users
         self.intermediates_der = [c.public_bytes(Encoding.DER) for c in intermediates]
-        self.crls_der = crls_der
+        self.crls = crls
         self.max_frame = max_frame
+        self.receipt_signature_size = receipt_signature_size
 
     async def handle(self, req: Request, peer: Peer) -> Result:
         if isinstance(req, SendRequest):
@@ -103,29 +134,56 @@ class Handlers:
             return await self.queue(req, peer)
         if isinstance(req, GetRequest):
             return await self.get(req, peer)
+        if isinstance(req, MarkReadRequest):
+            return await self.mark_read(req, peer)
         if isinstance(req, DirectoryRequest):
             return await self.directory(req)
         if isinstance(req, PublishKeyRequest):
             return await self.publish_key(req, peer)
+        if isinstance(req, HelloRequest):
+            return HelloResult(self.max_frame, tuple(REQUEST_TYPES))
+        if isinstance(req, CrlListRequest):
+            return CrlListResult(self.crls.infos)
+        if isinstance(req, CrlRequest):
+            return self.crl_piece(req)
         raise ProtocolError(ErrorCode.BAD_REQUEST, "unsupported operation", req.id)
 
     async def send(self, req: SendRequest, peer: Peer) -> SendResult:
-        return await self.commit_send(req, await self.admit_send(req, peer))
+        return await self.stored(req, self.enqueue_send(await self.admit_send(req, peer)))
 
     async def admit_send(self, req: SendRequest, peer: Peer) -> Submission:
-        """The checks before storing: a known recipient and the sender's signature over the submission."""
+        """The checks before storing: a known recipient, the sender's signature over the submission, and
+        an answer to ``get`` that fits a frame (else the message would be stored but never readable)."""
         if not await self.users.known(req.to):
             raise ProtocolError(ErrorCode.UNKNOWN_RECIPIENT, f"unknown recipient {req.to}", req.id)
         sealed = Sealed(req.envelope_version, req.header, req.envelope)
         if not verify_submission(peer.public_key, req.signature, req.to, req.msg_id, sealed):
             raise ProtocolError(ErrorCode.BAD_SIGNATURE,
                                 "submission signature does not verify against your certificate", req.id)
-        return Submission(peer.uid, req.to, req.msg_id, sealed, peer.fingerprint)
+        submission = Submission(peer.uid, req.to, req.msg_id, sealed, peer.fingerprint)
+        size = served_size(self._as_stored(submission))
+        if size > self.max_frame:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"message too large: it would be served back in {size} bytes, "
+                                f"over the frame limit of {self.max_frame}", req.id)
+        return submission
 
-    async def commit_send(self, req: SendRequest, submission: Submission) -> SendResult:
-        """Store an admitted send; it joins the store's queue before this coroutine first yields."""
+    def _as_stored(self, sub: Submission) -> StoredMessage:
+        """The submission as ``get`` would serve it, with a receipt signature of the longest length."""
+        receipt = Receipt(sub.msg_id, sub.sender, sub.recipient, ciphertext_digest(sub.sealed), utc_now(), 1,
+                          bytes(32), bytes(self.receipt_signature_size))
+        return StoredMessage(1, sub.sender, sub.recipient, sub.msg_id, receipt.server_time, sub.sealed.version,
+                             sub.sealed.header, sub.sealed.envelope, receipt, sub.sender_cert)
+
+    def enqueue_send(self, submission: Submission) -> "asyncio.Future[tuple[Receipt, bool]]":
+        """Queue an admitted send for the next group commit, synchronously: the order of these calls is
+        the order of queue numbers, whatever the event loop does in between."""
+        return self.store.enqueue(submission)
+
+    @staticmethod
+    async def stored(req: SendRequest, commit: "asyncio.Future[tuple[Receipt, bool]]") -> SendResult:
+        """The answer to a send once its commit is durable."""
         try:
-            receipt, _created = await self.store.add_message(submission)
+            receipt, _created = await commit
         except DuplicateMessage:
             raise ProtocolError(ErrorCode.DUPLICATE, "a different message was already sent with this msg_id",
                                 req.id) from None
@@ -138,20 +196,47 @@ class Handlers:
     async def get(self, req: GetRequest, peer: Peer) -> GetResult:
         msg = await self.store.call(self.store.store.get_message, peer.uid, req.num)
         if msg is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_MESSAGE, f"no message number {req.num} in your queue", req.id)
+            raise _unknown_message(req)
         return GetResult(msg)
+
+    async def mark_read(self, req: MarkReadRequest, peer: Peer) -> MarkReadResult:
+        if not await self.store.call(self.store.store.mark_read, peer.uid, req.num):
+            raise _unknown_message(req)
+        return MarkReadResult()
 
     async def directory(self, req: DirectoryRequest) -> DirectoryResult:
         cert = await self.users.certificate(req.uid, req.fingerprint)
         if cert is None:
             raise ProtocolError(ErrorCode.UNKNOWN_USER, f"unknown user {req.uid}", req.id)
         key = await self.store.call(self.store.store.get_key, req.uid)
-        return DirectoryResult(req.uid, [cert, *self.intermediates_der], key, self.crls_der)
+        return DirectoryResult(req.uid, [cert, *self.intermediates_der], key)
+
+    def crl_piece(self, req: CrlRequest) -> CrlResult:
+        der = self.crls.der.get(req.digest)
+        found = crl_wire.piece(der, req.digest, req.offset, self.max_frame) if der is not None else None
+        if found is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_MESSAGE, "no such CRL piece (the relay's CRL may have changed: "
+                                "list the CRLs again)", req.id)
+        return found
 
     async def publish_key(self, req: PublishKeyRequest, peer: Peer) -> PublishKeyResult:
         try:
-            parse_signed_record(req.record, req.signature, peer.uid, peer.public_key)
+            record = parse_signed_record(req.record, req.signature, peer.uid, peer.public_key)
         except KeyRecordError as exc:
             raise ProtocolError(ErrorCode.BAD_SIGNATURE, f"key record refused: {exc}", req.id) from None
+        held = await self.store.call(self.store.store.get_key, peer.uid)
+        held_created = record_created(held.record) if held is not None else None
+        if held_created is not None and record.created < held_created:
+            # A replayed older record would roll the user's key back to one that may be compromised.
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "key record refused: older than the one published "
+                                f"({_iso(record.created)} < {_iso(held_created)})", req.id)
         await self.store.call(self.store.store.put_key, peer.uid, KeyRecordWire(req.record, req.signature))
         return PublishKeyResult()
+
+
+def _unknown_message(req: GetRequest | MarkReadRequest) -> ProtocolError:
+    return ProtocolError(ErrorCode.UNKNOWN_MESSAGE, f"no message number {req.num} in your queue", req.id)
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")

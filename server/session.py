@@ -8,11 +8,12 @@ an unexpected failure in a handler becomes ``internal`` for that request only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -25,10 +26,12 @@ from protocol.messages import (
     Request,
     Result,
     SendRequest,
+    encode_response,
     error_response,
     ok_response,
     parse_request,
 )
+from protocol.receipts import Receipt
 
 from .handlers import Peer
 
@@ -37,6 +40,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("msg_relay.server")
 READ_CHUNK = 65536
+# Requests decoded ahead of their answers: enough for a group commit of pipelined sends, few enough
+# that a connection which never reads its answers holds only this many.
+BATCH = 32
+
+
+def _take(decoder: FrameDecoder, limit: int) -> list[bytes]:
+    out: list[bytes] = []
+    while len(out) < limit and (payload := decoder.next_payload()) is not None:
+        out.append(payload)
+    return out
 
 
 class Session:
@@ -96,6 +109,11 @@ class Session:
             audit.event("connection_rejected", peer=self.addr, reason=str(exc))
             await self._send_and_close(error_response(None, ErrorCode.NOT_AUTHORISED, f"certificate rejected: {exc}"))
             return False
+        if self.app.crl_expired:
+            # Fail closed, but say why: the client gets the reason instead of a misleading TLS alert.
+            audit.event("connection_rejected", peer=self.addr, uid=identity.uid, reason=self.app.crl_expired)
+            await self._send_and_close(error_response(None, ErrorCode.NOT_AUTHORISED, self.app.crl_expired))
+            return False
         if not self.app.admit(self, identity.uid):
             audit.event("connection_refused", peer=self.addr, uid=identity.uid, reason="too many connections for this user")
             await self._send_and_close(error_response(None, ErrorCode.BUSY, "too many connections for this user"))
@@ -113,11 +131,36 @@ class Session:
             pass  # best effort: the connection closes either way
 
     async def _serve(self) -> None:
+        """Read, answer, repeat: at most ``BATCH`` requests are decoded ahead of the answers written, and
+        nothing more is read while the peer is not reading what we write (``drain``), so a client that
+        pipelines thousands of requests and never reads costs the relay one batch, not its memory."""
         assert self.peer is not None
         cfg = self.app.config
         decoder = FrameDecoder(cfg.max_frame)
         frame_started: float | None = None
         while not self.app.stopping:
+            try:
+                payloads = _take(decoder, BATCH)
+            except FrameError as exc:
+                self.app.audit.event("frame_rejected", peer=self.addr, uid=self.peer.uid, code=exc.code.value,
+                                     reason=exc.message)
+                await self._send_and_close(error_response(None, exc.code, exc.message))
+                return
+            if payloads:
+                frame_started = None
+                self.busy = True
+                try:
+                    async with contextlib.aclosing(self._respond_all(payloads)) as responses:
+                        async for response in responses:
+                            self.writer.write(self._encode(response))
+                            await self.writer.drain()  # back-pressure: a slow reader slows only itself
+                except (OSError, ssl.SSLError) as exc:
+                    self.app.audit.event("connection_closed", peer=self.addr, uid=self.peer.uid,
+                                         reason=f"write error ({exc.__class__.__name__})")
+                    return
+                finally:
+                    self.busy = False
+                continue
             if decoder.buffered:
                 frame_started = frame_started or time.monotonic()
                 timeout = max(0.0, min(cfg.idle_timeout, cfg.frame_timeout) - (time.monotonic() - frame_started))
@@ -137,52 +180,49 @@ class Session:
             if not data:
                 self.app.audit.event("connection_closed", peer=self.addr, uid=self.peer.uid, reason="peer closed")
                 return
-            try:
-                payloads = decoder.feed(data)
-            except FrameError as exc:
-                self.app.audit.event("frame_rejected", peer=self.addr, uid=self.peer.uid, code=exc.code.value,
-                                     reason=exc.message)
-                await self._send_and_close(error_response(None, exc.code, exc.message))
-                return
-            self.busy = True
-            try:
-                for response in await self._respond_all(payloads):
-                    self.writer.write(encode_frame(response, cfg.max_frame))
-                await self.writer.drain()  # back-pressure: a slow reader slows only itself
-            except (OSError, ssl.SSLError) as exc:
-                self.app.audit.event("connection_closed", peer=self.addr, uid=self.peer.uid,
-                                     reason=f"write error ({exc.__class__.__name__})")
-                return
-            finally:
-                self.busy = False
+            decoder.receive(data)
 
-    async def _respond_all(self, payloads: list[bytes]) -> list[dict]:
-        """Responses in request order.
+    def _encode(self, response: dict) -> bytes:
+        """The frame for a response; an answer that outgrew the frame limit becomes ``too_large`` (logged)."""
+        assert self.peer is not None
+        frame, overflow = encode_response(response, self.app.config.max_frame)
+        if overflow is not None:
+            log.warning("answer to %s for %s does not fit a frame: %s", response.get("id"), self.peer.uid,
+                        overflow.message)
+            self.app.audit.event("response_too_large", peer=self.addr, uid=self.peer.uid, reason=overflow.message)
+        return frame
 
-        A run of consecutive ``send`` requests is admitted one by one (recipient, signature) and then
-        stored together: their messages share one group commit and get queue numbers in request order.
-        Any other request waits until everything before it is done.
+    async def _respond_all(self, payloads: list[bytes]) -> AsyncGenerator[dict, None]:
+        """Responses in request order, each as soon as it is ready.
+
+        A run of consecutive ``send`` requests is admitted one by one (recipient, signature, size) and
+        each is queued for the store right after its admission, synchronously: their messages share one
+        group commit and get queue numbers in request order. Any other request waits until everything
+        before it is answered. Admission and execution share one error handling: a refusal or a bug
+        answers that request only.
         """
         assert self.peer is not None
-        responses: list[dict] = []
-        sends: list[asyncio.Future[dict] | dict] = []
+        sends: list[tuple[SendRequest, int, asyncio.Future[tuple[Receipt, bool]] | Exception]] = []
         for payload in payloads:
             parsed = self._parse(payload)
             if isinstance(parsed, SendRequest):
-                try:
-                    submission = await self.app.handlers.admit_send(parsed, self.peer)
-                except ProtocolError as exc:
-                    sends.append(self._refused(parsed, len(payload), exc))
-                    continue
-                # Tasks start in creation order and enqueue before their first yield.
-                sends.append(asyncio.ensure_future(
-                    self._execute(parsed, len(payload), self.app.handlers.commit_send(parsed, submission))))
+                sends.append((parsed, len(payload), await self._admit(parsed)))
                 continue
-            responses += [s if isinstance(s, dict) else await s for s in sends]
+            for req, size, admitted in sends:
+                yield await self._execute(req, size, admitted)
             sends = []
-            responses.append(parsed if isinstance(parsed, dict) else await self._execute(parsed, len(payload)))
-        responses += [s if isinstance(s, dict) else await s for s in sends]
-        return responses
+            yield parsed if isinstance(parsed, dict) else await self._execute(parsed, len(payload))
+        for req, size, admitted in sends:
+            yield await self._execute(req, size, admitted)
+
+    async def _admit(self, req: SendRequest) -> "asyncio.Future[tuple[Receipt, bool]] | Exception":
+        """Admit a send and queue it for the store: its commit's future, or why it was refused."""
+        assert self.peer is not None
+        handlers = self.app.handlers
+        try:
+            return handlers.enqueue_send(await handlers.admit_send(req, self.peer))
+        except Exception as exc:  # noqa: BLE001 - answered by _execute like any failure of this request
+            return exc
 
     def _parse(self, payload: bytes) -> Request | dict:
         """A typed request, or the error response for a frame that is not one."""
@@ -194,20 +234,31 @@ class Session:
                                  size=len(payload), reason=exc.message)
             return error_response(exc.request_id, exc.code, exc.message)
 
-    async def _execute(self, req: Request, size: int, work: Coroutine[Any, Any, Result] | None = None) -> dict:
-        """Run a request (``work``, or its handler) and turn the outcome into a response."""
+    async def _execute(self, req: Request, size: int,
+                       admitted: "asyncio.Future[tuple[Receipt, bool]] | Exception | None" = None) -> dict:
+        """Run a request (or, for an admitted send, wait for its commit) and turn the outcome into a response."""
         assert self.peer is not None
         try:
-            result = await (work if work is not None else self.app.handlers.handle(req, self.peer))
+            if isinstance(admitted, Exception):
+                raise admitted
+            if admitted is not None:
+                assert isinstance(req, SendRequest)
+                result: Result = await self.app.handlers.stored(req, admitted)
+            else:
+                result = await self.app.handlers.handle(req, self.peer)
             self.app.audit.event("request", peer=self.addr, uid=self.peer.uid, op=req.op, result="ok",
                                  size=size, **_audit_fields(req, result))
             return ok_response(req.id, result)
         except ProtocolError as exc:
             return self._refused(req, size, exc)
         except Exception:  # noqa: BLE001 - one broken request must not end the connection or the server
-            log.exception("internal error handling %s from %s", req.op, self.peer.uid)
-            self.app.audit.event("request", peer=self.addr, uid=self.peer.uid, op=req.op, result="internal")
-            return error_response(req.id, ErrorCode.INTERNAL, "internal server error")
+            return self._internal(req)
+
+    def _internal(self, req: Request) -> dict:
+        assert self.peer is not None
+        log.exception("internal error handling %s from %s", req.op, self.peer.uid)
+        self.app.audit.event("request", peer=self.addr, uid=self.peer.uid, op=req.op, result="internal")
+        return error_response(req.id, ErrorCode.INTERNAL, "internal server error")
 
     def _refused(self, req: Request, size: int, exc: ProtocolError) -> dict:
         assert self.peer is not None

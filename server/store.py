@@ -63,7 +63,11 @@ class MessageStore(abc.ABC):
 
     @abc.abstractmethod
     def get_message(self, uid: str, num: int) -> StoredMessage | None:
-        """The message and mark it read (it stays retrievable)."""
+        """The message, read or not; reading it changes nothing (the client marks it read once verified)."""
+
+    @abc.abstractmethod
+    def mark_read(self, uid: str, num: int) -> bool:
+        """Take message ``num`` off the unread list; False when the user has no such message."""
 
     @abc.abstractmethod
     def upsert_user(self, uid: str, cert_der: bytes) -> None:
@@ -177,10 +181,12 @@ class SQLiteStore(MessageStore):
             " sender_cert, read FROM messages WHERE recipient=? AND num=?", (uid, num)).fetchone()
         if row is None:
             return None
-        if not row[10]:
-            self.db.execute("UPDATE messages SET read=1 WHERE recipient=? AND num=?", (uid, num))
         return StoredMessage(row[0], row[1], row[2], row[3], parse_time(row[4]), row[5], bytes(row[6]),
                              bytes(row[7]), _receipt(row[8]), bytes(row[9]), bool(row[10]))
+
+    def mark_read(self, uid: str, num: int) -> bool:
+        cur = self.db.execute("UPDATE messages SET read=1 WHERE recipient=? AND num=?", (uid, num))
+        return cur.rowcount > 0
 
     def add_certificate(self, uid: str, cert_der: bytes) -> None:
         self.db.execute("INSERT OR IGNORE INTO certificates (fingerprint, uid, cert) VALUES (?,?,?)",
@@ -238,13 +244,18 @@ class AsyncStore:
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    async def add_message(self, submission: Submission) -> tuple[Receipt, bool]:
+    def enqueue(self, submission: Submission) -> "asyncio.Future[tuple[Receipt, bool]]":
+        """Queue a submission for the next group commit, at once (no await before it joins the queue):
+        the order of calls is the order of queue numbers. The future resolves after the commit."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[Receipt, bool]] = loop.create_future()
         self._queue.append((submission, fut))
         if self._flusher is None:
             self._flusher = loop.create_task(self._flush())
-        return await fut
+        return fut
+
+    async def add_message(self, submission: Submission) -> tuple[Receipt, bool]:
+        return await self.enqueue(submission)
 
     async def _flush(self) -> None:
         try:

@@ -118,7 +118,7 @@ def private_pki(directory: Path, uids: Sequence[str] = (), key_type: str = "ecds
 def private_relay(directory: Path, *, crl: bool = True, enroll: bool = True, **kw: Any) -> ServerThread:
     """A relay for :func:`private_pki`'s CA, with its CRL unless ``crl=False`` (a relay with a stale CRL)."""
     cfg = server_config(directory, directory, p12=str(directory / "MSG_SERVER.p12"),
-                        crl=str(directory / "ca" / "crl.pem") if crl else None,
+                        crl=str(directory / "ca" / "crl.pem") if crl else None, no_crl=not crl,
                         users_dir=str(directory) if enroll else None, **kw)
     return ServerThread(cfg).start()
 

@@ -208,7 +208,8 @@ def test_sender_key_types(tmp_path, key_type):
 
 def test_course_style_rsa_keystores(tmp_path):
     paths = course_pki(tmp_path)
-    cfg = server_config(tmp_path, tmp_path, p12=str(paths["MSG_SERVER"]), crl=None, users_dir=str(tmp_path))
+    cfg = server_config(tmp_path, tmp_path, p12=str(paths["MSG_SERVER"]), crl=None, no_crl=True,
+                        users_dir=str(tmp_path))
     server = ServerThread(cfg).start()
     try:
         _round_trip(server, tmp_path, paths["ALICE"], paths["BOB"])

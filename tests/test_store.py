@@ -31,9 +31,13 @@ def test_batch_numbers_duplicates_and_retries(tmp_path):
     reopened = SQLiteStore(str(tmp_path / "s.db"))
     assert [e.num for e in reopened.list_unread("B", 0, 10)] == [1, 2]
     assert reopened.get_message("B", 2).msg_id == "2" * 32
+    assert [e.num for e in reopened.list_unread("B", 0, 10)] == [1, 2]  # fetching alone marks nothing
+    assert reopened.get_message("B", 2).read is False
+    assert reopened.mark_read("B", 2) is True
     assert [e.num for e in reopened.list_unread("B", 0, 10)] == [1]
     assert reopened.get_message("B", 2).read is True  # still retrievable after being read
     assert reopened.get_message("C", 2) is None
+    assert reopened.mark_read("C", 2) is False  # another user's number: nothing to mark
 
 
 def test_durability_settings(tmp_path):

@@ -1,0 +1,101 @@
+"""The newest CRL the client has verified for each CA, kept in its state directory.
+
+Revocation data comes from the relay, which the client does not trust: a CRL counts only when its
+signature verifies under a CA certificate that chains to our trust anchor, it is not past its
+``nextUpdate``, and its CRL number is not lower than that of the CRL we already hold for that CA.
+So a relay can withhold a newer CRL for a while, but never make the client go back to an older one.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from pki.errors import ValidationError
+from pki.validation import TrustPolicy, verify_crl_signature
+from protocol.crls import crl_number, issuer_id
+from protocol.encoding import utc_now
+
+from .connection import ClientError, RelayClient
+from .state import ClientState, StateError
+
+_DOC = "crls.json"
+
+
+class CrlRefused(ClientError):
+    """A CRL that must not be used (unknown issuer, bad signature, expired, older than ours)."""
+
+
+class CrlOlder(CrlRefused):
+    """A valid CRL, but older than the one already held for its CA."""
+
+
+class CrlCache:
+    def __init__(self, state: ClientState, anchors: Sequence[x509.Certificate],
+                 intermediates: Sequence[x509.Certificate] = ()) -> None:
+        self.state = state
+        self._issuers = _trusted_issuers(anchors, intermediates)
+        self._held: dict[bytes, x509.CertificateRevocationList] = {}
+        for text in state.load_doc(_DOC, {}).values():
+            try:
+                crl = x509.load_der_x509_crl(base64.b64decode(text))
+            except (ValueError, TypeError):
+                raise StateError(f"{state.dir / _DOC}: corrupt CRL cache (move it away to start afresh)") from None
+            self._held[issuer_id(crl.issuer)] = crl
+
+    def crls(self) -> list[x509.CertificateRevocationList]:
+        return list(self._held.values())
+
+    def number(self, issuer: bytes) -> int | None:
+        held = self._held.get(issuer)
+        return crl_number(held) if held is not None else None
+
+    def offer(self, der: bytes) -> bool:
+        """Keep ``der`` if it is a valid CRL newer than the one held for its CA; True if it was kept.
+
+        Raises CrlRefused for a CRL that is invalid or older than ours (a relay rolling back)."""
+        try:
+            crl = x509.load_der_x509_crl(der)
+        except ValueError:
+            raise CrlRefused("the relay sent an unreadable CRL") from None
+        issuer = self._issuers.get(issuer_id(crl.issuer))
+        if issuer is None or not verify_crl_signature(crl, issuer):
+            raise CrlRefused(f"CRL of {crl.issuer.rfc4514_string()} is not signed by a CA we trust")
+        if crl.next_update_utc is not None and crl.next_update_utc <= utc_now():
+            raise CrlRefused(f"CRL of {crl.issuer.rfc4514_string()} expired at {crl.next_update_utc:%Y-%m-%d %H:%M}Z")
+        key = issuer_id(crl.issuer)
+        held = self._held.get(key)
+        if held is not None:
+            if crl_number(crl) < crl_number(held):
+                raise CrlOlder(f"CRL number {crl_number(crl)} is older than the one we hold ({crl_number(held)})")
+            if crl_number(crl) == crl_number(held):
+                return False
+        self._held[key] = crl
+        self.state.save_doc(_DOC, {k.hex(): base64.b64encode(c.public_bytes(Encoding.DER)).decode()
+                                   for k, c in self._held.items()})
+        return True
+
+    async def refresh(self, client: RelayClient) -> None:
+        """Fetch from the relay every CRL newer than ours (by CRL number); nothing else travels."""
+        for info in await client.crl_list():
+            held = self.number(info.issuer)
+            if held is not None and held >= info.number:
+                continue
+            self.offer(await client.fetch_crl(info))
+
+
+def _trusted_issuers(anchors: Sequence[x509.Certificate],
+                     intermediates: Sequence[x509.Certificate]) -> dict[bytes, x509.Certificate]:
+    """The CA certificates a CRL may be signed by: the anchors, and intermediates that chain to them."""
+    out = {issuer_id(a.subject): a for a in anchors}
+    policy = TrustPolicy(anchors, (), None)
+    for cert in intermediates:
+        try:
+            policy.path(cert)
+        except ValidationError:
+            continue
+        out.setdefault(issuer_id(cert.subject), cert)
+    return out
