@@ -43,6 +43,7 @@ READ_CHUNK = 65536
 # Requests decoded ahead of their answers: enough for a group commit of pipelined sends, few enough
 # that a connection which never reads its answers holds only this many.
 BATCH = 32
+WRITE_BUFFER_HIGH = 64 * 1024
 
 
 def _take(decoder: FrameDecoder, limit: int) -> list[bytes]:
@@ -119,6 +120,9 @@ class Session:
             await self._send_and_close(error_response(None, ErrorCode.BUSY, "too many connections for this user"))
             return False
         self.peer = Peer(identity.uid, cert)
+        # asyncio lets 512 KiB of encrypted answers pile up per TLS connection before drain() waits;
+        # a peer that does not read should cost far less than that.
+        self.writer.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         await self.app.users.remember(identity.uid, cert.public_bytes(Encoding.DER))
         audit.event("connection_accepted", peer=self.addr, uid=identity.uid)
         return True
