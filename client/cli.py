@@ -3,18 +3,22 @@
     msg-client [--p12 FILE | -user FILE] [--server HOST:PORT] [--ca FILE] send <UID> <SUBJECT>
     msg-client ... askqueue | getmsg <NUM> | receipts | help
 
-Exactly three fixed error lines (DESIGN.md §7); every other failure is one clear line. Exit code 0
-on success, 1 on any error.
+Exactly three fixed error lines (DESIGN.md §7); every other failure is one clear line. A command
+error names its problem on the line after the fixed one, then shows the usage. Exit code 0 on success,
+1 on any error, 130 when interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -38,10 +42,14 @@ COMMAND_ERROR = "MSG RELAY SERVICE: command error!"
 UNKNOWN_MESSAGE = "MSG RELAY SERVICE: unknown message!"
 VERIFICATION_ERROR = "MSG RELAY SERVICE: verification error!"
 
+INTERRUPTED = "msg-client: interrupted"
+TERMINAL_PROMPT = "type the message, end with Ctrl-D"
+
 HELP = """usage: msg-client [options] COMMAND
 
 commands:
-  send <UID> <SUBJECT>   send a message to UID; the body is read from stdin (at most 1000 bytes)
+  send <UID> <SUBJECT>   send a message to UID; the body is read from stdin (at most 1000 bytes;
+                         from a terminal, end it with Ctrl-D)
   askqueue               list unread messages: <NUM>:<SENDER>:<TIME>:<SUBJECT>
   getmsg <NUM>           print message NUM and mark it read
   receipts               list the relay's receipts for messages you sent
@@ -56,7 +64,9 @@ options:
   --password-file FILE   keystore password (or MSG_RELAY_PASSWORD, or a prompt)
   --state-dir DIR        local state (default ~/.local/share/msg-relay/<UID>)
   --kem KEM              encryption key type for new keys: MLKEM768_X25519 (default) or X25519
-  --verbose, -v          details of errors and debug logging"""
+  --timeout S            seconds to wait for the relay (default 30)
+  --verbose, -v          details of errors and debug logging
+  --help, -h             this text"""
 
 log = logging.getLogger("msg_relay.client")
 
@@ -81,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--kem", default=DEFAULT_KEM, choices=KEMS)
     p.add_argument("--verbose", "-v", action="store_true")
+    p.add_argument("--help", "-h", action="store_true")
     p.add_argument("command", nargs="?")
     p.add_argument("args", nargs=argparse.REMAINDER)
     return p
@@ -109,26 +120,70 @@ def parse_server(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+@contextlib.contextmanager
+def _sigint_interrupts() -> Iterator[None]:
+    """Make Ctrl-C raise KeyboardInterrupt at once during a blocking read.
+
+    Inside ``asyncio.run`` the first SIGINT only cancels the main task, which a thread blocked in
+    ``read()`` never notices: the user had to press Ctrl-C twice. Python's default handler raises
+    in the reading thread instead (only the main thread may change signal handlers).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 def _read_body() -> bytes:
+    """The body from stdin; on a terminal, first say how to end it (else it looks like a hang)."""
     stream = sys.stdin.buffer if sys.stdin is not None else None
-    body = stream.read(MAX_BODY + 1) if stream is not None else b""
+    if stream is None:
+        return b""
+    with _sigint_interrupts():  # before the prompt: a Ctrl-C once it shows always stops the read
+        if sys.stdin.isatty():
+            print(TERMINAL_PROMPT, file=sys.stderr, flush=True)
+        body = stream.read(MAX_BODY + 1)
     if len(body) > MAX_BODY:
         raise ClientError(f"message body longer than {MAX_BODY} bytes: nothing sent")
     return body
 
 
+COMMANDS = ("send", "askqueue", "getmsg", "receipts", "rotate-key", "help")
+
+
 def _validate_command(command: str | None, args: list[str]) -> None:
-    arity = {"send": 2, "askqueue": 0, "getmsg": 1, "receipts": 0, "rotate-key": 0, "help": 0}
-    if command not in arity or len(args) != arity[command]:
-        raise CommandError(f"bad command {command!r}")
-    if command == "send" and not is_valid_uid(args[0]):
-        raise CommandError(f"invalid UID {args[0]!r}")
-    if command == "getmsg" and not (args[0].isdigit() and 0 < int(args[0]) < 2**53):
-        raise CommandError(f"message number must be a positive integer, not {args[0]!r}")
+    """Refuse a malformed command with a message naming what is wrong (shown under COMMAND_ERROR)."""
+    if command is None:
+        raise CommandError("no command given")
+    if command not in COMMANDS:
+        raise CommandError(f"unknown command {command!r}")
+    if command == "send":
+        if len(args) < 2:
+            raise CommandError("send needs <UID> <SUBJECT>")
+        if len(args) > 2:
+            raise CommandError(f"send needs <UID> <SUBJECT>, got {len(args)} arguments "
+                               "(quote a subject with spaces)")
+        if not is_valid_uid(args[0]):
+            raise CommandError(f"send needs a UID (1-64 of A-Z a-z 0-9 _ . @ -), got {args[0]!r}")
+    elif command == "getmsg":
+        if not args:
+            raise CommandError("getmsg needs a message number")
+        if len(args) > 1:
+            raise CommandError(f"getmsg needs one message number, got {len(args)} arguments")
+        if not (args[0].isdigit() and 0 < int(args[0]) < 2**53):
+            raise CommandError(f"getmsg needs a message number, got {args[0]!r}")
+    elif args:
+        raise CommandError(f"{command} takes no arguments, got {' '.join(args)!r}")
 
 
 async def _run(opts: argparse.Namespace) -> int:
-    store = load_keystore(opts.p12, PasswordSource(file=opts.password_file))
+    with _sigint_interrupts():  # the password prompt blocks too: the first Ctrl-C must stop it
+        store = load_keystore(opts.p12, PasswordSource(file=opts.password_file))
     if store.uid is None:
         raise ClientError(f"{opts.p12}: certificate has no UID (PSEUDONYM)")
     anchors = load_certificate_file(opts.ca) if opts.ca else store.ca_certificates()
@@ -177,20 +232,31 @@ async def _run(opts: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; Ctrl-C anywhere ends it with one line and exit code 130 (128 + SIGINT)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
     try:
         opts = build_parser().parse_args(argv)
-        _validate_command(opts.command, opts.args)
+        # `msg-client -h`, `msg-client getmsg --help`: help, not an error.
+        wants_help = opts.help or opts.args in (["-h"], ["--help"])
+        if not wants_help:
+            _validate_command(opts.command, opts.args)
     except CommandError as exc:
         print(COMMAND_ERROR, file=sys.stderr)
-        if verbose:
-            print(f"  reason: {exc}", file=sys.stderr)
+        print(exc, file=sys.stderr)
         print(HELP, file=sys.stderr)
         return 1
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if opts.command == "help":
+    if wants_help or opts.command == "help":
         print(HELP)
         return 0
     try:
@@ -203,8 +269,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"msg-client: the relay refused: {exc.message}")
     except MsgRelayError as exc:  # every other failure the library names: one line, no traceback
         return _fail(f"msg-client: {exc}")
-    except KeyboardInterrupt:
-        return _fail("msg-client: interrupted")
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

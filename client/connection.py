@@ -20,14 +20,23 @@ from pki.identity import DEFAULT_ORG_UNIT
 from pki.keystore import Keystore
 from pki.tls import client_context, peer_certificate
 from pki.validation import check_profile
+from protocol.crls import CrlAssembler, piece_request_offsets
 from protocol.envelope import Sealed, sign_submission
-from protocol.errors import ErrorCode, FrameError
+from protocol.errors import ErrorCode, FrameError, ProtocolError
 from protocol.frames import MAX_FRAME, FrameDecoder, decode_payload, encode_frame
 from protocol.messages import (
+    CrlInfo,
+    CrlListRequest,
+    CrlListResult,
+    CrlRequest,
+    CrlResult,
     DirectoryRequest,
     DirectoryResult,
     GetRequest,
     GetResult,
+    HelloRequest,
+    HelloResult,
+    MarkReadRequest,
     PublishKeyRequest,
     QueueEntry,
     QueueRequest,
@@ -43,17 +52,21 @@ from protocol.messages import (
 )
 from protocol.receipts import Receipt
 
-# TLS alerts a server sends when it refuses our certificate, as OpenSSL names them.
+# The certificate alerts of RFC 8446 section 6.2, by the name OpenSSL gives a received one
+# ("SSLV3_ALERT_CERTIFICATE_REVOKED", "TLSV1_ALERT_UNKNOWN_CA" ...), and the words the user sees.
+# OpenSSL also sends certificate_expired for a certificate not yet valid, or a CRL out of date.
 _REJECTION_ALERTS = {
-    "CERTIFICATE_REQUIRED": "no client certificate",
-    "CERTIFICATE_REVOKED": "certificate revoked",
-    "CERTIFICATE_EXPIRED": "certificate expired",
-    "UNKNOWN_CA": "certificate from an unknown CA",
-    "CERTIFICATE_UNKNOWN": "certificate not accepted",
+    "CERTIFICATE_REVOKED": "revoked",
+    "CERTIFICATE_EXPIRED": "expired",
+    "UNKNOWN_CA": "unknown CA",
+    "CERTIFICATE_REQUIRED": "no certificate",
     "BAD_CERTIFICATE": "bad certificate",
-    "UNSUPPORTED_CERTIFICATE": "unsupported certificate",
-    "DECRYPT_ERROR": "certificate signature check failed",
+    "UNSUPPORTED_CERTIFICATE": "not usable for this purpose",
+    "CERTIFICATE_UNKNOWN": "not accepted",
+    "ACCESS_DENIED": "access denied",
+    "DECRYPT_ERROR": "signature check failed",
 }
+_ALERT_PREFIXES = ("SSLV3_ALERT_", "TLSV1_ALERT_", "TLSV13_ALERT_")
 
 
 class ClientError(MsgRelayError):
@@ -65,11 +78,38 @@ class ServerRejected(ClientError):
 
 
 def _rejection(exc: ssl.SSLError) -> ServerRejected | None:
+    """The one line for a certificate alert from the relay; None for any other TLS failure.
+
+    Only a received alert counts (our own verification errors have other reasons), and only one
+    about certificates: a protocol_version or internal_error alert is not a verdict on ours.
+    """
     reason = (exc.reason or "").upper()
-    for alert, text in _REJECTION_ALERTS.items():
-        if alert in reason:
-            return ServerRejected(f"the relay rejected our certificate ({text})")
+    for prefix in _ALERT_PREFIXES:
+        if reason.startswith(prefix):
+            text = _REJECTION_ALERTS.get(reason[len(prefix):])
+            return ServerRejected(f"the relay refused our certificate: {text}") if text else None
     return None
+
+
+async def _refusal_on(reader: asyncio.StreamReader, timeout: float) -> ClientError:
+    """Why the relay ended the session before we could look at its certificate.
+
+    Under TLS 1.3 the relay's alert about our certificate can arrive while asyncio is still handing
+    us the new connection; OpenSSL then reports the handshake as not done and will not give the
+    peer's certificate. The alert itself is waiting on the reader.
+    """
+    try:
+        await asyncio.wait_for(reader.read(1), timeout)
+    except ssl.SSLError as exc:
+        return _rejection(exc) or ClientError(f"TLS error right after the handshake ({exc.reason or exc})")
+    except (OSError, asyncio.TimeoutError) as exc:
+        return ClientError(f"connection to the relay lost right after the handshake ({exc})")
+    return ClientError("the relay closed the connection right after the handshake")
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 class RelayClient:
@@ -80,7 +120,7 @@ class RelayClient:
         self.host, self.port = host, port
         self.anchors, self.crls = list(anchors), list(crls)
         self.org_unit = org_unit
-        self.max_frame = max_frame
+        self.max_frame = self._default_max_frame = max_frame
         self.timeout = timeout
         self.server_cert: x509.Certificate | None = None
         self._reader: asyncio.StreamReader | None = None
@@ -121,7 +161,14 @@ class RelayClient:
         except OSError as exc:
             raise ClientError(f"cannot reach the relay at {self.host}:{self.port} ({exc.strerror or exc})") from None
         assert self._writer is not None
-        cert = peer_certificate(self._writer.get_extra_info("ssl_object"))
+        self._decoder.max_size = self.max_frame = self._default_max_frame
+        try:
+            cert = peer_certificate(self._writer.get_extra_info("ssl_object"))
+        except ValueError:  # the relay's alert ended the session first (see _refusal_on)
+            assert self._reader is not None
+            refusal = await _refusal_on(self._reader, self.timeout)
+            await self.close()
+            raise refusal from None
         try:
             if cert is None:
                 raise ValidationError("no_certificate", "the relay sent no certificate")
@@ -130,6 +177,10 @@ class RelayClient:
             await self.close()
             raise ClientError(f"server certificate rejected: {exc}") from None
         self.server_cert = cert
+        # Pipelined ahead of whatever comes next: costs no round trip, and its answer (the relay's frame
+        # limit) is read before any answer that may need it.
+        (hello,) = await self._submit([HelloRequest(self.next_id())])
+        hello.add_done_callback(_consume)  # nobody awaits it: a lost connection must not log a warning
 
     async def close(self) -> None:
         if self._reader_task is not None:
@@ -175,7 +226,9 @@ class RelayClient:
                 if not data:
                     raise self._lost("connection closed")
                 try:
-                    for payload in self._decoder.feed(data):
+                    # One frame at a time: a hello answer raises the frame limit before the next is read.
+                    self._decoder.receive(data)
+                    while (payload := self._decoder.next_payload()) is not None:
                         self._dispatch(decode_payload(payload))
                 except FrameError as exc:
                     raise ClientError(f"bad response from the relay: {exc.message}") from None
@@ -187,7 +240,7 @@ class RelayClient:
             err: dict[str, Any] = obj["error"] if isinstance(obj.get("error"), dict) else {}
             msg = str(err.get("message", "request refused"))
             if err.get("code") == ErrorCode.NOT_AUTHORISED.value:
-                raise ServerRejected(f"the relay rejected our certificate: {msg}")
+                raise ServerRejected(f"the relay refused our certificate: {msg}")
             raise ClientError(f"the relay refused the connection: {msg}")
         if not self._inflight:
             raise ClientError("the relay sent a response nobody asked for")
@@ -195,8 +248,19 @@ class RelayClient:
         if obj.get("id") != req.id:
             raise ClientError("the relay answered out of order")
         self._answered = True
+        if isinstance(req, HelloRequest):
+            self._adopt(obj)
         if not fut.done():
             fut.set_result(obj)
+
+    def _adopt(self, obj: dict[str, Any]) -> None:
+        """Take the frame limit the relay announces (a relay that predates ``hello`` keeps the default)."""
+        try:
+            hello = parse_response(obj, HelloRequest.op)
+        except (RemoteError, ProtocolError):
+            return
+        assert isinstance(hello, HelloResult)
+        self.max_frame = self._decoder.max_size = hello.max_frame
 
     async def _submit(self, requests: Sequence[Request]) -> list[asyncio.Future[dict[str, Any]]]:
         if self._broken is not None:
@@ -264,10 +328,39 @@ class RelayClient:
         while True:
             page = await self.request(QueueRequest(self.next_id(), after))
             assert isinstance(page, QueueResult)
+            for entry in page.entries:
+                # Numbers only go up: a relay that repeats a page or goes back cannot keep us fetching.
+                if entry.num <= after:
+                    raise ClientError("bad response from the relay: queue pages do not advance")
+                after = entry.num
             entries += page.entries
             if not page.more or not page.entries:
                 return entries
-            after = page.entries[-1].num
+
+    async def mark_read(self, num: int) -> None:
+        await self.request(MarkReadRequest(self.next_id(), num))
+
+    async def crl_list(self) -> list[CrlInfo]:
+        result = await self.request(CrlListRequest(self.next_id()))
+        assert isinstance(result, CrlListResult)
+        return result.crls
+
+    async def fetch_crl(self, info: CrlInfo) -> bytes:
+        """The CRL ``info`` describes, in pieces (the first, then all others pipelined), digest-checked."""
+        assembler = CrlAssembler(info)
+        try:
+            first = await self.request(CrlRequest(self.next_id(), info.digest, 0))
+            assert isinstance(first, CrlResult)
+            assembler.add(first)
+            rest = [CrlRequest(self.next_id(), info.digest, o) for o in piece_request_offsets(info, first)]
+            for piece in await self.pipeline(rest):
+                if isinstance(piece, Exception):
+                    raise piece
+                assert isinstance(piece, CrlResult)
+                assembler.add(piece)
+            return assembler.der()
+        except ValueError as exc:
+            raise ClientError(f"bad response from the relay: {exc}") from None
 
     async def get(self, num: int) -> StoredMessage:
         result = await self.request(GetRequest(self.next_id(), num))

@@ -5,9 +5,12 @@ Layout of a CA directory::
     root.crt  root.key            self-signed root (UID MSG_CA), signs the intermediate and its CRL
     intermediate.crt  .key        pathlen:0 issuing CA, signs every leaf and the leaf CRL
     crl.pem                       the intermediate's CRL followed by the root's
-    index.json                    every issued leaf: serial, UID, role, expiry, revocation
+    index.json                    the CA's settings (org_unit, crl_days) and every issued leaf:
+                                  serial, UID, role, expiry, revocation
 
-Keys are written 0600, encrypted (PBES2/AES-256) when a password is given.
+Keys are written 0600, encrypted (PBES2/AES-256) when a password is given. The CA keys' password has
+its own sources (``--ca-password-file``, :data:`CA_PASSWORD_ENV`), never those of a keystore, so
+issuing a keystore can never encrypt it with the CA's password by accident.
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from .errors import PkiError
+from .errors import KeystoreError, PkiError
 from .files import certs_to_pem, load_certificate_file, read_bytes, write_atomic
 from .identity import DEFAULT_ORG_UNIT, MSG_SERVER, RESERVED_UIDS, is_valid_uid
 from .keys import DEFAULT_KEY_TYPE, PrivateKey, certificate_hash, generate_key
@@ -31,6 +34,9 @@ from .passwords import NO_PASSWORD, PasswordSource
 from .profile import LeafRequest, Subject, make_intermediate, make_leaf, make_root
 
 CRL_DAYS = 30
+"""Default CRL lifetime (nextUpdate - now). The relay refuses every client once the CRL is past it."""
+CA_PASSWORD_ENV = "MSG_RELAY_CA_PASSWORD"
+"""The environment variable for the CA keys' password: distinct from the keystores' MSG_RELAY_PASSWORD."""
 REVOCATION_REASONS = {
     "unspecified": x509.ReasonFlags.unspecified,
     "key_compromise": x509.ReasonFlags.key_compromise,
@@ -52,9 +58,35 @@ def _key_bytes(key: PrivateKey, password: bytes | None) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
 
 
-def _load_key(path: Path, passwords: PasswordSource) -> PrivateKey:
+def check_crl_days(days: int) -> int:
+    """``days`` if it is a usable CRL lifetime; a CRL valid for no time would lock every client out."""
+    if isinstance(days, bool) or not isinstance(days, int) or days <= 0:
+        raise PkiError("--crl-days must be a positive number of days")
+    return days
+
+
+def ca_passwords(file: str | None = None, prompt: bool = True) -> PasswordSource:
+    """Where the CA keys' password comes from: ``file``, else :data:`CA_PASSWORD_ENV`, else a prompt."""
+    return PasswordSource(file=file, env=CA_PASSWORD_ENV, prompt=prompt)
+
+
+def _load_key(path: Path, passwords: PasswordSource, cache: list[bytes]) -> PrivateKey:
+    """One CA key; ``cache`` keeps the password so root and intermediate ask for it once."""
     data = read_bytes(path)
-    password = passwords.obtain(str(path)) if b"ENCRYPTED" in data else None
+    password = None
+    if b"ENCRYPTED" in data:
+        if not cache:
+            given = passwords.given()  # a missing or empty password file fails here, with its own message
+            if given is None:
+                try:
+                    given = passwords.obtain(f"the CA keys in {path.parent}")
+                except KeystoreError:
+                    # No password and no terminal. PasswordSource's hint names the keystore's flag;
+                    # following it is how a user keystore once ended up with the CA's password.
+                    raise PkiError(f"{path}: the CA key is password-protected: use --ca-password-file "
+                                   f"or set {CA_PASSWORD_ENV}") from None
+            cache.append(given)
+        password = cache[0]
     try:
         return serialization.load_pem_private_key(data, password)  # type: ignore[return-value]
     except (ValueError, TypeError):
@@ -72,17 +104,30 @@ class CertificateAuthority:
     intermediate_key: PrivateKey
     org_unit: str
     index: list[dict[str, Any]]
+    crl_days: int = CRL_DAYS
 
     # ----- creation and loading -------------------------------------------------------------
-    @classmethod
-    def init(cls, directory: str | os.PathLike[str], *, key_type: str = DEFAULT_KEY_TYPE,
-             org_unit: str = DEFAULT_ORG_UNIT, days: int = 3650,
-             passwords: PasswordSource = NO_PASSWORD) -> "CertificateAuthority":
+    @staticmethod
+    def check_new(directory: str | os.PathLike[str], days: int = 3650, crl_days: int = CRL_DAYS) -> None:
+        """Refuse what :meth:`init` would refuse, before anyone is asked for a password."""
         d = Path(directory)
         if (d / "root.crt").exists():
             raise PkiError(f"{d}: a CA already exists there")
         if days <= 0:
             raise PkiError("--days must be positive")
+        check_crl_days(crl_days)
+
+    @classmethod
+    def init(cls, directory: str | os.PathLike[str], *, key_type: str = DEFAULT_KEY_TYPE,
+             org_unit: str = DEFAULT_ORG_UNIT, days: int = 3650,
+             passwords: PasswordSource = NO_PASSWORD, password: bytes | None = None,
+             crl_days: int = CRL_DAYS) -> "CertificateAuthority":
+        """A new CA in ``directory``; the keys are encrypted with ``password`` (else ``passwords.given()``).
+
+        ``crl_days`` is kept in ``index.json`` so every later CRL (revoke, crl) has the same lifetime.
+        """
+        d = Path(directory)
+        cls.check_new(d, days, crl_days)
         root_key = generate_key(key_type)
         inter_key = generate_key(key_type)
         root = make_root(root_key, org_unit=org_unit, days=days)
@@ -92,12 +137,13 @@ class CertificateAuthority:
             os.chmod(d, 0o700)
         except OSError as exc:
             raise PkiError(f"{d}: cannot create CA directory ({exc.strerror})") from None
-        password = passwords.given()
+        if password is None:
+            password = passwords.given()
         write_atomic(d / "root.key", _key_bytes(root_key, password), mode=0o600)
         write_atomic(d / "intermediate.key", _key_bytes(inter_key, password), mode=0o600)
         write_atomic(d / "root.crt", certs_to_pem([root]))
         write_atomic(d / "intermediate.crt", certs_to_pem([inter]))
-        ca = cls(d, root, root_key, inter, inter_key, org_unit, [])
+        ca = cls(d, root, root_key, inter, inter_key, org_unit, [], crl_days)
         ca._save_index()
         ca.write_crl()
         return ca
@@ -113,13 +159,20 @@ class CertificateAuthority:
             meta = json.loads(read_bytes(d / "index.json"))
             index = list(meta["issued"])
             org_unit = str(meta.get("org_unit", DEFAULT_ORG_UNIT))
-        except (ValueError, KeyError, TypeError):
+            crl_days = check_crl_days(meta.get("crl_days", CRL_DAYS))  # CAs made before it was kept: 30
+        except (ValueError, KeyError, TypeError, PkiError):
             raise PkiError(f"{d / 'index.json'}: corrupt CA index") from None
-        return cls(d, root, _load_key(d / "root.key", passwords), inter,
-                   _load_key(d / "intermediate.key", passwords), org_unit, index)
+        cache: list[bytes] = []
+        return cls(d, root, _load_key(d / "root.key", passwords, cache), inter,
+                   _load_key(d / "intermediate.key", passwords, cache), org_unit, index, crl_days)
+
+    def set_crl_days(self, days: int) -> None:
+        """Change the CRL lifetime for this and every later CRL, and remember it in ``index.json``."""
+        self.crl_days = check_crl_days(days)
+        self._save_index()
 
     def _save_index(self) -> None:
-        doc = {"org_unit": self.org_unit, "issued": self.index}
+        doc = {"org_unit": self.org_unit, "crl_days": self.crl_days, "issued": self.index}
         write_atomic(self.directory / "index.json", json.dumps(doc, indent=2).encode(), mode=0o600)
 
     # ----- issuance ---------------------------------------------------------------------------
@@ -134,8 +187,15 @@ class CertificateAuthority:
                      and e["not_after"] > now), None)
 
     def issue(self, uid: str, *, cn: str | None = None, server: bool = False, dns_names: tuple[str, ...] = (),
-              ip_addresses: tuple[str, ...] = (), key_type: str = DEFAULT_KEY_TYPE, days: int = 365) -> Keystore:
-        """A new key and leaf certificate for ``uid``; refuses a UID that is issued and not revoked."""
+              ip_addresses: tuple[str, ...] = (), key_type: str = DEFAULT_KEY_TYPE, days: int = 365,
+              deliver: Callable[[Keystore], None] | None = None) -> Keystore:
+        """A new key and leaf certificate for ``uid``; refuses a UID that is issued and not revoked.
+
+        ``deliver`` (typically: write the keystore) runs before the certificate is recorded, so a
+        failed delivery records nothing: otherwise the UID would stay blocked by a certificate nobody
+        received until someone revoked it. If recording fails after a delivery, the PkiError says so
+        and the caller must discard what it delivered.
+        """
         if not is_valid_uid(uid):
             raise PkiError(f"invalid UID {uid!r}: 1-64 characters of letters, digits, _ . @ -")
         if server and uid != MSG_SERVER:
@@ -153,12 +213,20 @@ class CertificateAuthority:
             cert = make_leaf(key.public_key(), request, self.intermediate, self.intermediate_key)
         except ValueError as exc:
             raise PkiError(f"cannot issue certificate: {exc}") from None
-        self.index.append({
+        store = Keystore(key=key, cert=cert, chain=self.chain)
+        if deliver is not None:
+            deliver(store)
+        entry = {
             "serial": format(cert.serial_number, "x"), "uid": uid, "role": "server" if server else "client",
             "not_after": cert.not_valid_after_utc.isoformat(), "issued": _now().isoformat(),
-        })
-        self._save_index()
-        return Keystore(key=key, cert=cert, chain=self.chain)
+        }
+        self.index.append(entry)
+        try:
+            self._save_index()
+        except PkiError as exc:
+            self.index.remove(entry)
+            raise PkiError(f"certificate for {uid} not recorded in the CA index: {exc}") from None
+        return store
 
     # ----- revocation -------------------------------------------------------------------------
     def revoke(self, *, uid: str | None = None, serial: str | None = None, reason: str = "unspecified") -> list[str]:
@@ -177,11 +245,19 @@ class CertificateAuthority:
         self.write_crl()
         return [e["serial"] for e in hits]
 
-    def build_crls(self, days: int = CRL_DAYS) -> list[x509.CertificateRevocationList]:
-        """Fresh CRLs: the intermediate's (leaf revocations) and the root's (none so far)."""
+    def build_crls(self, days: int | None = None) -> list[x509.CertificateRevocationList]:
+        """Fresh CRLs: the intermediate's (leaf revocations) and the root's (none so far).
+
+        They expire after ``days`` (default: the CA's ``crl_days``); re-sign them before that.
+        """
+        days = check_crl_days(self.crl_days if days is None else days)
         now = _now()
         leaf_crl = x509.CertificateRevocationListBuilder().issuer_name(self.intermediate.subject)
+        # RFC 5280 §5.2.3: a CRL number that only grows, so a client can tell a newer CRL from an older
+        # one it is being fed; microseconds since the epoch need no counter kept anywhere.
+        number = x509.CRLNumber(int(now.timestamp() * 1_000_000))
         leaf_crl = leaf_crl.last_update(now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(days=days))
+        leaf_crl = leaf_crl.add_extension(number, critical=False)
         for e in self.index:
             if not e.get("revoked"):
                 continue
@@ -194,11 +270,13 @@ class CertificateAuthority:
             )
             leaf_crl = leaf_crl.add_revoked_certificate(revoked)
         root_crl = (x509.CertificateRevocationListBuilder().issuer_name(self.root.subject)
-                    .last_update(now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(days=days)))
+                    .last_update(now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(days=days))
+                    .add_extension(number, critical=False))
         return [leaf_crl.sign(self.intermediate_key, certificate_hash(self.intermediate_key)),
                 root_crl.sign(self.root_key, certificate_hash(self.root_key))]
 
-    def write_crl(self, out: str | os.PathLike[str] | None = None, days: int = CRL_DAYS) -> Path:
+    def write_crl(self, out: str | os.PathLike[str] | None = None, days: int | None = None) -> Path:
+        """Sign fresh CRLs and write them to ``out`` (default: the CA's ``crl.pem``)."""
         path = Path(out) if out else self.directory / "crl.pem"
         pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.build_crls(days))
         write_atomic(path, pem)

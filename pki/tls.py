@@ -47,20 +47,27 @@ def load_identity(ctx: ssl.SSLContext, store: Keystore) -> None:
 
 
 def _base(protocol: int, store: Keystore, anchors: Sequence[x509.Certificate],
-          crls: Sequence[x509.CertificateRevocationList]) -> ssl.SSLContext:
+          crls: Sequence[x509.CertificateRevocationList],
+          intermediates: Sequence[x509.Certificate] = ()) -> ssl.SSLContext:
     try:
-        return _build(protocol, store, anchors, crls)
+        return _build(protocol, store, anchors, crls, intermediates)
     except ssl.SSLError as exc:
         raise PkiError(f"cannot set up TLS with this keystore and CA ({exc.reason or exc})") from None
 
 
 def _build(protocol: int, store: Keystore, anchors: Sequence[x509.Certificate],
-           crls: Sequence[x509.CertificateRevocationList]) -> ssl.SSLContext:
+           crls: Sequence[x509.CertificateRevocationList],
+           intermediates: Sequence[x509.Certificate] = ()) -> ssl.SSLContext:
     ctx = ssl.SSLContext(protocol)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED
+    # Only a self-signed root may end a chain. Python 3.13's create_default_context() turns partial
+    # chains on; say here that ours never does, since the store below also holds intermediates.
+    ctx.verify_flags &= ~ssl.VERIFY_X509_PARTIAL_CHAIN
     ctx.load_verify_locations(cadata=certs_to_pem(list(anchors)).decode("ascii"))
+    if intermediates:
+        ctx.load_verify_locations(cadata=certs_to_pem(list(intermediates)).decode("ascii"))
     if crls:
         # cadata takes certificates only; CRLs must come from a file.
         _through_private_file(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in crls),
@@ -74,7 +81,14 @@ def _build(protocol: int, store: Keystore, anchors: Sequence[x509.Certificate],
 
 def server_context(store: Keystore, anchors: Sequence[x509.Certificate],
                    crls: Sequence[x509.CertificateRevocationList] = ()) -> ssl.SSLContext:
-    ctx = _base(ssl.PROTOCOL_TLS_SERVER, store, anchors, crls)
+    """The relay's context; it also completes the chain of a client that sends only its leaf.
+
+    Many TLS clients send just their leaf. The relay's own intermediates go into the verify store
+    beside the anchors, so OpenSSL finds the missing links itself (the ``--ca`` bundle's
+    intermediates are already there: the bundle is loaded whole). The leaf is then validated like
+    one sent with its chain: up to the self-signed root, with the CRL of every CA on the way.
+    """
+    ctx = _base(ssl.PROTOCOL_TLS_SERVER, store, anchors, crls, store.intermediates())
     # No session tickets: every connection presents and is checked with its certificate (and the CRL).
     ctx.num_tickets = 0
     return ctx

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -19,23 +21,29 @@ from pki.files import (
     read_bytes,
 )
 from pki.identity import MSG_SERVER, cert_fingerprint
+from pki.keys import max_signature_size
 from pki.keystore import load_keystore, open_keystore
 from pki.tls import server_context
 from pki.validation import TrustPolicy, check_profile
+from protocol.encoding import utc_now
 
 from .audit import AuditLog
 from .config import ServerConfig
-from .handlers import Handlers, UserRegistry
+from .handlers import Handlers, PublishedCrls, UserRegistry
 from .session import Session
 from .store import AsyncStore, SQLiteStore
+from .tls_alerts import install as install_tls_alert_fix
 
 log = logging.getLogger("msg_relay.server")
+CRL_WARN_EVERY = 3600.0  # seconds between warnings that the CRL is about to expire
 
 
 class RelayServer:
     """``await start()``, then ``port`` is bound; ``await close()`` stops gracefully."""
 
-    def __init__(self, config: ServerConfig, audit: AuditLog | None = None) -> None:
+    def __init__(self, config: ServerConfig, audit: AuditLog | None = None,
+                 clock: Callable[[], dt.datetime] = utc_now) -> None:
+        install_tls_alert_fix()  # refused clients get the TLS alert, not a bare EOF (gh-98078)
         self.config = config
         self.audit = audit or AuditLog(config.log_file)
         self.keystore = load_keystore(config.p12, config.passwords)
@@ -44,9 +52,14 @@ class RelayServer:
         if not anchors:
             raise PkiError(f"{config.p12} bundles no CA certificate: give --ca ROOT.pem")
         self.anchors = anchors
+        self.clock = clock
+        if not config.crl and not config.no_crl:
+            raise PkiError("no CRL configured: give --crl FILE (the CA's crl.pem), or --no-crl to run without "
+                           "revocation checks")
+        self.crl_expired: str | None = None  # why every client is refused while the CRL is out of date
         self._crl_stamp = self._crl_file_stamp()
-        self._crl_checked = time.monotonic()
-        self._load_trust()
+        self._crl_warned: float | None = None
+        self._load_trust(starting=True)
         server_key = self.keystore.key
         server_der = self.keystore.cert.public_bytes(Encoding.DER)
         signer = cert_fingerprint(server_der)
@@ -55,7 +68,9 @@ class RelayServer:
         self.store.store.add_certificate(MSG_SERVER, server_der)
         self.users = UserRegistry(self.store)
         self.handlers = Handlers(self.store, self.users, self.keystore.intermediates(),
-                                 [c.public_bytes(Encoding.DER) for c in self.policy.crls], config.max_frame)
+                                 self.published_crls, config.max_frame,
+                                 max_signature_size(server_key))
+        self._crl_task: asyncio.Task[None] | None = None
         self.stopping = False
         self._server: asyncio.base_events.Server | None = None
         self._sessions: dict[asyncio.Task[None], Session] = {}
@@ -64,16 +79,33 @@ class RelayServer:
         self._handshaking: dict[asyncio.Task[None], Session] = {}
         self._per_user: dict[str, int] = {}
 
-    def _load_trust(self) -> None:
-        """(Re)read the CRL and build the TLS context and validation policy from it."""
+    def _load_trust(self, starting: bool = False) -> None:
+        """(Re)read the CRL and build the TLS context and validation policy from it.
+
+        A CRL past its nextUpdate makes OpenSSL refuse every handshake with a misleading "certificate
+        expired". At start that is refused with the reason; on a running relay the TLS layer goes on
+        checking chains only and every client is refused after the handshake with "CRL expired", so the
+        relay still fails closed but says why."""
         crls = load_crl_file(self.config.crl) if self.config.crl else []
-        policy = TrustPolicy(self.anchors, crls, self.config.org_unit)
+        if not crls and not self.config.no_crl:
+            raise PkiError(f"{self.config.crl}: holds no CRL")
+        now = self.clock()
+        stale = [c for c in crls if c.next_update_utc is not None and c.next_update_utc <= now]
+        expired = None
+        if stale:
+            expired = (f"CRL expired at {stale[0].next_update_utc:%Y-%m-%d %H:%M}Z: the relay cannot check "
+                       "revocation until the CA publishes a fresh one (msg-pki crl)")
+            if starting:
+                raise PkiError(f"{self.config.crl}: {expired}")
+        policy = TrustPolicy(self.anchors, [] if expired else crls, self.config.org_unit)
         # Refuse a certificate our own clients would reject (expired, revoked ...).
-        policy.validate(self.keystore.cert, self.keystore.chain, role="server")
-        self.ssl_context = server_context(self.keystore, self.anchors, crls)
+        policy.validate(self.keystore.cert, self.keystore.chain, role="server", at=now)
+        self.ssl_context = server_context(self.keystore, self.anchors, [] if expired else crls)
         self.policy = policy
-        if hasattr(self, "handlers"):
-            self.handlers.crls_der = [c.public_bytes(Encoding.DER) for c in crls]
+        if expired and not self.crl_expired:
+            self.audit.event("crl_expired", reason=expired)
+        self.crl_expired = expired
+        self.published_crls = PublishedCrls.of(crls)  # served as the CA signed them, even when stale
 
     def _crl_file_stamp(self) -> tuple[int, int] | None:
         if not self.config.crl:
@@ -85,38 +117,73 @@ class RelayServer:
         return st.st_mtime_ns, st.st_size
 
     def reload_crl(self, reason: str = "signal") -> bool:
-        """Use the CA's newest CRL for connections from now on (SIGHUP, or the file changed)."""
+        """Use the CA's newest CRL for connections from now on (SIGHUP, the file changed, or it expired)."""
         try:
             self._load_trust()
         except PkiError as exc:
             self.audit.event("crl_reload_failed", reason=str(exc))
             return False
         self._crl_stamp = self._crl_file_stamp()
+        self.handlers.crls = self.published_crls
         self.audit.event("crl_reloaded", trigger=reason, crls=len(self.policy.crls))
         self._drop_revoked()
         return True
 
     def _drop_revoked(self) -> None:
-        """Close the connections of users the new CRL revokes: a revocation takes effect at once."""
+        """Close the connections whose certificate the new CRL revokes: a revocation takes effect at once.
+
+        Each open connection's certificate is validated again by the same rule as a new one (the relay's
+        TrustPolicy), so there is no second copy of the revocation check here."""
+        intermediates = self.keystore.intermediates()
         for session in list(self._sessions.values()):
             if session.peer is None:
                 continue
-            cert = session.peer.cert
-            if any(crl.issuer == cert.issuer and crl.get_revoked_certificate_by_serial_number(cert.serial_number)
-                   for crl in self.policy.crls):
+            try:
+                self.policy.validate(session.peer.cert, intermediates, role="client", at=self.clock())
+            except ValidationError as exc:
                 self.audit.event("connection_closed", peer=session.addr, uid=session.peer.uid,
-                                 reason="certificate revoked")
+                                 reason=f"certificate no longer valid: {exc}")
                 session.abort()
 
-    def _maybe_reload_crl(self) -> None:
-        """The CA rewrites crl.pem when it revokes: notice within ``crl_check_interval`` seconds."""
-        now = time.monotonic()
-        if not self.config.crl or now - self._crl_checked < self.config.crl_check_interval:
+    def check_crl(self) -> None:
+        """One tick of the CRL watch: reload a changed file, notice expiry, warn ahead of it."""
+        if not self.config.crl:
             return
-        self._crl_checked = now
         stamp = self._crl_file_stamp()
         if stamp is not None and stamp != self._crl_stamp:
             self.reload_crl("file changed")
+        elif self.crl_expired is None and (next_update := self._next_update()) and next_update <= self.clock():
+            self.reload_crl("expired")
+        self._warn_crl_expiry()
+
+    def _next_update(self) -> dt.datetime | None:
+        dates = [c.next_update_utc for c in self.policy.crls if c.next_update_utc is not None]
+        return min(dates) if dates else None
+
+    def _warn_crl_expiry(self) -> None:
+        """Within ``crl_warn_days`` of the CRL's nextUpdate: warn now and then every hour, since once it
+        passes, the relay refuses every client."""
+        next_update = self._next_update()
+        if next_update is None or next_update - self.clock() > dt.timedelta(days=self.config.crl_warn_days):
+            return
+        now = time.monotonic()
+        if self._crl_warned is not None and now - self._crl_warned < CRL_WARN_EVERY:
+            return
+        self._crl_warned = now
+        message = (f"the CRL expires at {next_update:%Y-%m-%d %H:%M}Z: re-sign it before then "
+                   "(msg-pki crl), or the relay will refuse every client")
+        log.warning(message)
+        self.audit.event("crl_expiring", next_update=next_update.isoformat(), reason=message)
+
+    async def _watch_crl(self) -> None:
+        """The CA rewrites crl.pem when it revokes: notice within ``crl_check_interval`` seconds, whether
+        or not anyone connects, and close the revoked users' open connections."""
+        while True:
+            await asyncio.sleep(self.config.crl_check_interval)
+            try:
+                self.check_crl()
+            except Exception:  # noqa: BLE001 - the watch must outlive one bad tick; the next one retries
+                log.exception("CRL check failed")
 
     @property
     def port(self) -> int:
@@ -128,11 +195,16 @@ class RelayServer:
             await self.enroll(Path(self.config.users_dir))
         self._server = await asyncio.start_server(self._accept, self.config.host, self.config.port,
                                                   limit=self.config.max_frame + 8, backlog=1024)
+        if self.config.no_crl:
+            log.warning("running without a CRL: revoked certificates are accepted (--no-crl)")
+            self.audit.event("crl_disabled", reason="--no-crl: revoked certificates are accepted")
+        self._warn_crl_expiry()
+        self._crl_task = asyncio.get_running_loop().create_task(self._watch_crl())
         self.audit.event("server_started", host=self.config.host, port=self.port)
 
     async def enroll(self, directory: Path) -> int:
         """Register the users whose certificates (or unprotected keystores) lie in ``directory``."""
-        count = 0
+        enrolled: set[str] = set()  # users, not files: a keystore and its PEM are one user
         for path in sorted(directory.iterdir()) if directory.is_dir() else []:
             if not path.is_file():
                 continue
@@ -149,9 +221,9 @@ class RelayServer:
                 log.info("not enrolling %s: %s", path.name, exc)
                 continue
             await self.users.remember(identity.uid, certs[0].public_bytes(Encoding.DER))
-            count += 1
-        self.audit.event("users_enrolled", directory=str(directory), count=count)
-        return count
+            enrolled.add(identity.uid)
+        self.audit.event("users_enrolled", directory=str(directory), count=len(enrolled))
+        return len(enrolled)
 
     @staticmethod
     def _keystore_certs(data: bytes, path: Path) -> list[x509.Certificate]:
@@ -171,7 +243,6 @@ class RelayServer:
                              reason="shutting down" if self.stopping else "connection limit reached")
             writer.close()
             return
-        self._maybe_reload_crl()
         if len(self._handshaking) >= cfg.max_handshakes:
             oldest, victim = next(iter(self._handshaking.items()))
             self._handshaking.pop(oldest)
@@ -212,6 +283,8 @@ class RelayServer:
     async def close(self, grace: float = 10.0) -> None:
         """Stop accepting, let in-flight requests finish, close idle connections and the store."""
         self.stopping = True
+        if self._crl_task is not None:
+            self._crl_task.cancel()
         if self._server is not None:
             self._server.close()
         for task, session in list(self._sessions.items()):
