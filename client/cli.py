@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -23,18 +24,19 @@ from pathlib import Path
 from typing import NoReturn
 
 from pki.errors import MsgRelayError
-from pki.files import load_certificate_file, load_crl_file
-from pki.identity import is_valid_uid
+from pki.files import load_certificate_file, load_crl_file, read_bytes, write_atomic
+from pki.identity import cert_fingerprint, is_valid_uid
 from pki.keystore import load_keystore
 from pki.passwords import PasswordSource
 from pki.validation import TrustPolicy
 from protocol.encoding import format_time
-from protocol.envelope import MAX_BODY, VerificationError, check_subject
+from protocol.envelope import MAX_BODY, NoSuchKey, VerificationError, check_subject
 from protocol.errors import ErrorCode
 from protocol.keyrecord import DEFAULT_KEM, KEMS
 from protocol.messages import RemoteError
 
 from .connection import ClientError, RelayClient
+from .keys import Keyring
 from .mailbox import Mailbox
 from .state import ClientState, default_state_dir
 
@@ -43,6 +45,7 @@ UNKNOWN_MESSAGE = "MSG RELAY SERVICE: unknown message!"
 VERIFICATION_ERROR = "MSG RELAY SERVICE: verification error!"
 
 INTERRUPTED = "msg-client: interrupted"
+UNVERIFIABLE = "(unverifiable)"  # askqueue's subject for a line whose sender or time does not verify
 TERMINAL_PROMPT = "type the message, end with Ctrl-D"
 
 HELP = """usage: msg-client [options] COMMAND
@@ -53,7 +56,9 @@ commands:
   askqueue               list unread messages: <NUM>:<SENDER>:<TIME>:<SUBJECT>
   getmsg <NUM>           print message NUM and mark it read
   receipts               list the relay's receipts for messages you sent
-  rotate-key             make and publish a new encryption key (old ones kept for unread mail)
+  rotate-key             make and publish a new encryption key (old ones kept, decrypt-only)
+  keys export FILE       write this device's encryption keys (private halves too) to FILE, 0600
+  keys import FILE       use the keys another device exported (its current key becomes ours)
   help                   this text
 
 options:
@@ -62,7 +67,7 @@ options:
   --ca FILE              trust anchor (default: the CA certificate bundled in the keystore)
   --crl FILE             CA's CRL for checking senders (default: the one the relay publishes)
   --password-file FILE   keystore password (or MSG_RELAY_PASSWORD, or a prompt)
-  --state-dir DIR        local state (default ~/.local/share/msg-relay/<UID>)
+  --state-dir DIR        local state (default ~/.local/share/msg-relay/<UID>-<CA fingerprint>)
   --kem KEM              encryption key type for new keys: MLKEM768_X25519 (default) or X25519
   --timeout S            seconds to wait for the relay (default 30)
   --verbose, -v          details of errors and debug logging
@@ -98,17 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(line: str, detail: str | None = None, verbose: bool = False) -> int:
-    print(line, file=sys.stderr)
+    """One line on stderr (and the detail with --verbose); text from elsewhere cannot drive the terminal."""
+    print(visible(line), file=sys.stderr)
     if detail and verbose:
-        print(f"  reason: {detail}", file=sys.stderr)
+        print(f"  reason: {visible(detail)}", file=sys.stderr)
     return 1
 
 
 def printable_body(body: bytes) -> bytes:
     """The body as shown on a terminal: escape sequences and other controls made visible, so a
     message cannot drive the reader's terminal. Piped or redirected output stays byte-exact."""
-    text = body.decode("utf-8", "replace")
-    return "".join(c if c in "\n\t" or c.isprintable() else f"\\x{ord(c):02x}" for c in text).encode()
+    return visible(body.decode("utf-8", "replace"), keep="\n\t").encode()
 
 
 def parse_server(text: str) -> tuple[str, int]:
@@ -153,7 +158,7 @@ def _read_body() -> bytes:
     return body
 
 
-COMMANDS = ("send", "askqueue", "getmsg", "receipts", "rotate-key", "help")
+COMMANDS = ("send", "askqueue", "getmsg", "receipts", "rotate-key", "keys", "help")
 
 
 def _validate_command(command: str | None, args: list[str]) -> None:
@@ -177,6 +182,9 @@ def _validate_command(command: str | None, args: list[str]) -> None:
             raise CommandError(f"getmsg needs one message number, got {len(args)} arguments")
         if not (args[0].isdigit() and 0 < int(args[0]) < 2**53):
             raise CommandError(f"getmsg needs a message number, got {args[0]!r}")
+    elif command == "keys":
+        if len(args) != 2 or args[0] not in ("export", "import"):
+            raise CommandError("keys needs export FILE or import FILE")
     elif args:
         raise CommandError(f"{command} takes no arguments, got {' '.join(args)!r}")
 
@@ -191,7 +199,11 @@ async def _run(opts: argparse.Namespace) -> int:
         raise ClientError(f"{opts.p12} bundles no CA certificate: give --ca ROOT.pem")
     crls = load_crl_file(opts.crl) if opts.crl else []
     host, port = parse_server(opts.server)
-    state = ClientState(Path(opts.state_dir) if opts.state_dir else default_state_dir(store.uid))
+    ca = cert_fingerprint(anchors[0])
+    state = ClientState(Path(opts.state_dir) if opts.state_dir else default_state_dir(store.uid, ca))
+    state.bind(store.uid, ca)
+    if opts.command == "keys":
+        return _keys(Keyring(state, store.uid), *opts.args)
     if opts.command == "receipts":
         for r in state.receipts():
             print(f"{r.msg_id} to {r.recipient} at {format_time(r.server_time)} queue number {r.queue_number}")
@@ -215,7 +227,7 @@ async def _run(opts: argparse.Namespace) -> int:
             print(f"sent {receipt.msg_id} to {receipt.recipient} at {format_time(receipt.server_time)}")
         elif opts.command == "askqueue":
             for line in await mailbox.queue():
-                subject = line.subject if line.subject is not None else "(unverifiable subject)"
+                subject = line.subject if line.subject is not None else UNVERIFIABLE
                 print(f"{line.num}:{line.sender}:{line.server_time.strftime('%Y-%m-%dT%H:%M:%SZ')}:{subject}")
         elif opts.command == "getmsg":
             msg = await mailbox.read(int(opts.args[0]))
@@ -240,6 +252,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _keys(keyring: Keyring, action: str, file: str) -> int:
+    """Share one user's encryption keys between two devices (two state directories)."""
+    path = Path(file)
+    if action == "export":
+        if path.exists():
+            raise ClientError(f"{file} already exists: choose a new file name")
+        write_atomic(path, json.dumps(keyring.export_doc()).encode(), mode=0o600)
+        print(f"encryption keys of {keyring.uid} written to {file} (private keys: keep it safe, delete it "
+              "once imported)")
+        return 0
+    try:
+        doc = json.loads(read_bytes(path))
+    except ValueError:
+        raise ClientError(f"{file}: not a key file made by msg-client keys export") from None
+    key = keyring.import_doc(doc)
+    print(f"encryption key {key.record.key_id} of {keyring.uid} imported; it is now this device's key too")
+    return 0
+
+
+def visible(text: str, keep: str = "") -> str:
+    """Text from the relay or another user, safe for a terminal: control, format and escape characters
+    made visible (``\\x1b``), except those in ``keep``."""
+    return "".join(c if c in keep or c.isprintable() else
+                   f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}" for c in text)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
@@ -261,6 +299,9 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     try:
         return asyncio.run(_run(opts))
+    except NoSuchKey as exc:
+        return _fail(f"msg-client: cannot open this message: {exc}; read it where that key is, or copy the "
+                     "key here with msg-client keys export/import")
     except VerificationError as exc:
         return _fail(VERIFICATION_ERROR, str(exc), verbose)
     except RemoteError as exc:

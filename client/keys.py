@@ -1,7 +1,7 @@
 """The client's HPKE encryption keys: generated on first use, published signed, rotated on demand.
 
-Private keys live in the state directory (``keys.json``, 0600). A rotated-out key is kept while
-unread messages sealed to it may still be waiting, and retired once the queue no longer needs it.
+Private keys live in the state directory (``keys.json``, 0600). A rotated-out key is never published
+again but stays, decrypt-only: ``get`` serves read messages too, and they must stay readable.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class Keyring:
         return (k.record.kem, k.private) if k else None
 
     def rotate(self, signer: PrivateKey, kem: str = DEFAULT_KEM) -> OwnKey:
-        """A new key pair becomes current; the old ones stay until :meth:`retire_unused`."""
+        """A new key pair becomes current; the old ones stay, decrypt-only."""
         if kem not in KEMS:
             raise StateError(f"unknown KEM {kem} (choose from {', '.join(KEMS)})")
         private, public = hpke.generate(kem)
@@ -79,11 +79,32 @@ class Keyring:
             return self.rotate(signer, kem)
         return cur
 
-    def retire_unused(self, needed: set[str]) -> list[str]:
-        """Forget non-current keys that no unread message needs; returns the retired key ids."""
-        gone = [kid for kid in self.keys if kid != self.current_id and kid not in needed]
-        for kid in gone:
-            del self.keys[kid]
-        if gone:
-            self._save()
-        return gone
+    def resign(self, signer: PrivateKey) -> OwnKey:
+        """The current record signed again with ``signer`` (a re-issued certificate's key): the same
+        encryption key, so mail already sealed to it stays readable."""
+        cur = self.current
+        if cur is None:
+            raise StateError("no encryption key to sign")
+        key = OwnKey(cur.record, cur.private, cur.record.sign(signer))
+        self.keys[cur.record.key_id] = key
+        self._save()
+        return key
+
+    def export_doc(self) -> dict:
+        """Every key, private halves included: what another device of the same user imports."""
+        return self.state.load_doc(_DOC, {"current": None, "keys": {}})
+
+    def import_doc(self, doc: object) -> OwnKey:
+        """Take another device's keys (theirs become current; ours stay, decrypt-only)."""
+        try:
+            assert isinstance(doc, dict)
+            incoming = {kid: self._decode(v) for kid, v in doc["keys"].items()}
+            current = incoming[doc["current"]]
+        except (AssertionError, KeyError, TypeError, ValueError, AttributeError):
+            raise StateError("not a key file made by msg-client keys export") from None
+        if any(k.record.uid != self.uid for k in incoming.values()):
+            raise StateError(f"the key file holds keys of another user, not {self.uid}")
+        self.keys.update(incoming)
+        self.current_id = current.record.key_id
+        self._save()
+        return current

@@ -7,6 +7,7 @@ This is where a client decides whether to believe a message. Every check failure
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import secrets
 from dataclasses import dataclass
 
@@ -15,11 +16,11 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from pki.errors import ValidationError
 from pki.identity import MSG_SERVER, cert_fingerprint
+from pki.keys import PublicKey
 from pki.validation import Role, TrustPolicy
-from protocol.encoding import utc_now
+from protocol.encoding import format_time, utc_now
 from protocol.envelope import (
-    ENVELOPE_V2,
-    KEY_ID_LEN,
+    ENVELOPE_V3,
     InnerMessage,
     OpenedMessage,
     Sealed,
@@ -34,6 +35,8 @@ from protocol.keyrecord import (
     KeyRecord,
     KeyRecordError,
     parse_signed_record,
+    read_record,
+    signed_by,
 )
 from protocol.messages import DirectoryResult, QueueEntry, StoredMessage
 from protocol.receipts import Receipt
@@ -43,12 +46,14 @@ from .crlcache import CrlCache, CrlOlder
 from .keys import Keyring, OwnKey
 from .state import ClientState
 
+log = logging.getLogger("msg_relay.client")
+
 
 @dataclass(frozen=True)
 class QueueLine:
     num: int
     sender: str
-    server_time: dt.datetime
+    server_time: dt.datetime  # from the signed receipt when the subject verified
     subject: str | None  # None when the subject could not be read or verified
 
 
@@ -57,6 +62,10 @@ class ReadMessage:
     num: int
     inner: InnerMessage
     receipt: Receipt
+
+
+class OtherDevice(ClientError):
+    """The relay holds a newer key of ours that this state directory does not have."""
 
 
 class NoRecipientKey(ClientError):
@@ -79,6 +88,7 @@ class Mailbox:
                 continue  # a --crl file older than the CRL we already verified: ours is the newer
         self._base = policy
         self._policy: TrustPolicy | None = None
+        self._directory: dict[tuple[str, bytes | None], DirectoryResult] = {}
 
     async def policy(self) -> TrustPolicy:
         """The trust policy with the newest CRLs: the relay's list is checked once per command, and
@@ -89,12 +99,43 @@ class Mailbox:
         return self._policy
 
     async def ensure_published(self) -> OwnKey:
-        """Make our encryption key on first use, and publish it whenever the relay lacks it."""
-        key = self.keyring.ensure(self.client.keystore.key, self.kem)
+        """Make our encryption key on first use, and publish it whenever the relay lacks it.
+
+        Our record must verify under our *current* certificate: after a renewal (same UID, new key)
+        it is signed again, with the same encryption key, so mail sealed to it stays readable. A
+        record on the relay that we did not make and that is not older than ours was published by
+        another device of ours: we refuse to overwrite it and say how to share the key instead."""
+        signer = self.client.keystore.key
+        cert_key: PublicKey = self.client.keystore.cert.public_key()  # type: ignore[assignment]
         entry = await self.client.directory(self.uid)
+        published = self._published_record(entry)
+        held = self.keyring.current
+        # Ours from elsewhere only if our current certificate signed it: a record of an earlier
+        # certificate (a renewal, a new CA) is replaced.
+        if published is not None and entry.key is not None and published.key_id not in self.keyring.keys \
+                and signed_by(entry.key.record, entry.key.signature, cert_key) \
+                and (held is None or published.created >= held.record.created):
+            raise OtherDevice(f"{self.uid} already has an encryption key (created "
+                              f"{published.created:%Y-%m-%d %H:%M}Z) that this state directory does not hold, "
+                              "published from another device or state directory: copy it here with "
+                              "`msg-client keys export FILE` there and `msg-client keys import FILE` here, "
+                              "or replace it with `msg-client rotate-key` (mail sealed to it then stays "
+                              "unreadable here)")
+        key = self.keyring.ensure(signer, self.kem)
+        if not signed_by(key.record.to_bytes(), key.signature, cert_key):
+            key = self.keyring.resign(signer)  # our certificate was re-issued
         if entry.key is None or entry.key.record != key.record.to_bytes() or entry.key.signature != key.signature:
             await self.client.publish_key(key.record.to_bytes(), key.signature)
         return key
+
+    def _published_record(self, entry: DirectoryResult) -> KeyRecord | None:
+        """The record the relay holds for us, read without trusting it (only its key and date matter here)."""
+        if entry.key is None:
+            return None
+        try:
+            return read_record(entry.key.record)
+        except KeyRecordError:
+            return None  # unreadable: ours replaces it
 
     async def rotate_key(self) -> OwnKey:
         key = self.keyring.rotate(self.client.keystore.key, self.kem)
@@ -108,9 +149,14 @@ class Mailbox:
             raise NoRecipientKey(f"{uid} has not published an encryption key yet (a key is published the first "
                                  f"time {uid} runs msg-client): nothing sent")
         try:
-            return parse_signed_record(entry.key.record, entry.key.signature, uid, cert.public_key())  # type: ignore[arg-type]
+            record = parse_signed_record(entry.key.record, entry.key.signature, uid, cert.public_key())  # type: ignore[arg-type]
         except KeyRecordError as exc:
             raise VerificationError(f"encryption key of {uid} refused: {exc}") from None
+        newer = self.state.key_record_seen(uid, format_time(record.created))
+        if newer is not None:
+            raise VerificationError(f"the relay served an older encryption key of {uid} (created "
+                                    f"{format_time(record.created)}) than one we saw before ({newer})")
+        return record
 
     @property
     def uid(self) -> str:
@@ -139,18 +185,25 @@ class Mailbox:
         return receipt
 
     async def queue(self) -> list[QueueLine]:
-        entries = await self.client.queue()
-        lines = [QueueLine(e.num, e.sender, e.server_time, self._subject(e)) for e in entries]
-        needed = {e.header[:KEY_ID_LEN].hex() for e in entries if e.envelope_version == ENVELOPE_V2}
-        self.keyring.retire_unused(needed)
-        return lines
+        """Unread messages as ``askqueue`` shows them: the time from the relay's signed receipt, the
+        subject only when the sender's signature over it verifies (else ``subject`` is None)."""
+        return [await self._queue_line(e) for e in await self.client.queue()]
 
-    def _subject(self, entry: QueueEntry) -> str | None:
+    async def _queue_line(self, e: QueueEntry) -> QueueLine:
         try:
-            return read_subject(entry.envelope_version, entry.header, reader=self.uid, sender=entry.sender,
-                                msg_id=entry.msg_id, keyring=self.keyring)
-        except VerificationError:
-            return None
+            r = e.receipt
+            await self._check_receipt(r)
+            if (r.msg_id, r.sender, r.recipient, r.queue_number) != (e.msg_id, e.sender, self.uid, e.num):
+                raise VerificationError("receipt does not match the queue entry")
+            if e.envelope_version != ENVELOPE_V3:
+                raise VerificationError("subject not signed (an envelope older than version 3)")
+            cert, _ = await self.validated_certificate(e.sender, r.server_time, e.sender_cert)
+            subject = read_subject(e.envelope_version, e.header, reader=self.uid, sender=e.sender, msg_id=e.msg_id,
+                                   keyring=self.keyring, sender_key=cert.public_key())  # type: ignore[arg-type]
+        except VerificationError as exc:
+            log.debug("queue entry %d unverifiable: %s", e.num, exc)
+            return QueueLine(e.num, e.sender, e.server_time, None)
+        return QueueLine(e.num, e.sender, r.server_time, subject)
 
     async def validated_certificate(self, uid: str, at: dt.datetime, fingerprint: bytes | None = None,
                                     role: Role = "client") -> tuple[x509.Certificate, DirectoryResult]:
@@ -159,7 +212,10 @@ class Mailbox:
         With ``fingerprint``, the certificate a stored message was sent with: a sender who has renewed
         a certificate since is still verified against the key that signed the message.
         """
-        entry = await self.client.directory(uid, fingerprint)
+        entry = self._directory.get((uid, fingerprint))
+        if entry is None:
+            # Once per command: the queue asks for the same sender's certificate again and again.
+            entry = self._directory[(uid, fingerprint)] = await self.client.directory(uid, fingerprint)
         try:
             certs = [x509.load_der_x509_certificate(c) for c in entry.chain]
         except ValueError:

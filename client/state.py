@@ -21,9 +21,22 @@ class StateError(MsgRelayError):
     """The state directory cannot be used."""
 
 
-def default_state_dir(uid: str) -> Path:
+def default_state_dir(uid: str, anchor_fingerprint: bytes) -> Path:
+    """``$XDG_DATA_HOME/msg-relay/<UID>-<CA>``: the same UID under two CAs (the course keystores and the
+    demo ones both have ``MSG_CLI1``) gets two state directories, never one shared."""
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "msg-relay" / uid
+    root = Path(base) / "msg-relay"
+    new = root / f"{uid}-{anchor_fingerprint.hex()[:12]}"
+    legacy = root / uid  # the first wave's layout: adopted by the first CA that finds it unclaimed
+    if not new.exists() and (legacy / "keys.json").exists() and not (legacy / _IDENTITY).exists():
+        try:
+            legacy.rename(new)
+        except OSError:
+            pass  # left where it is: the new directory starts afresh
+    return new
+
+
+_IDENTITY = "identity.json"
 
 
 class ClientState:
@@ -49,6 +62,30 @@ class ClientState:
             write_atomic(self.dir / name, json.dumps(value, indent=1, sort_keys=True).encode(), mode=0o600)
         except PkiError as exc:
             raise StateError(str(exc)) from None
+
+    def bind(self, uid: str, anchor_fingerprint: bytes) -> None:
+        """Tie the directory to one UID under one CA: keys and seen-lists of another identity that
+        happens to share the UID must never be used or overwritten here."""
+        want = {"uid": uid, "ca": anchor_fingerprint.hex()}
+        held = self._load(_IDENTITY, None)
+        if held is None:
+            self._save(_IDENTITY, want)
+        elif held != want:
+            raise StateError(f"{self.dir} holds the state of {held.get('uid')} under another CA "
+                             f"({str(held.get('ca'))[:12]}): give this keystore its own --state-dir")
+
+    # ----- what we saw of others' key records -----------------------------------------------------
+    def key_record_seen(self, uid: str, created: str) -> str | None:
+        """Remember the newest key record ``created`` of ``uid``; return the newer one we saw before, if
+        any (the relay serving an older record than we already saw is rolling a key back)."""
+        seen: dict[str, str] = self._load("key_records.json", {})
+        held = seen.get(uid)
+        if held is not None and held > created:
+            return held
+        if held != created:
+            seen[uid] = created
+            self._save("key_records.json", seen)
+        return None
 
     # ----- replay protection -------------------------------------------------------------------
     def check_and_remember(self, sender: str, msg_id: str, num: int, digest: bytes) -> bool:

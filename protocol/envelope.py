@@ -9,6 +9,10 @@ certificate key (authentic, readable by the relay). Version 2, what clients send
     header   = key_id(8) || HPKE(recipient key, subject,                 info = v2/header + from,to,msg_id)
     envelope = key_id(8) || HPKE(recipient key, inner fields + signature, info = v2/body   + from,to,msg_id)
 
+Version 3, what clients send now, seals ``subject || signature`` in the header instead of the bare
+subject, the signature by the sender over (sender, recipient, msg_id, subject): a subject the relay
+or a thief of its database sealed to the reader's public key is never shown as if the sender wrote it.
+
 ``key_id`` names which of the recipient's published keys was used (it rotates keys). The ``info``
 binding makes an envelope fail to open when it is moved to another recipient, or attributed to
 another sender or msg_id. The outer *submission* signature covers (recipient, msg_id, version,
@@ -46,11 +50,18 @@ MAX_BODY = 1000
 MAX_SUBJECT = 200
 ENVELOPE_V1 = 1
 ENVELOPE_V2 = 2
+ENVELOPE_V3 = 3  # v2 with a sender signature inside the sealed header: the queue shows only signed subjects
+SEALED_VERSIONS = (ENVELOPE_V2, ENVELOPE_V3)
 KEY_ID_LEN = 8
 
 
 class VerificationError(MsgRelayError):
     """A message failed an end-to-end check; ``str()`` is the detail shown with ``--verbose``."""
+
+
+class NoSuchKey(VerificationError):
+    """Sealed to an encryption key the reader does not hold: not a forgery, a missing key (another
+    device's, or a state directory that was lost), so it gets its own message."""
 
 
 # Control and format characters (terminal escapes, bidi overrides) and line separators: a subject
@@ -127,6 +138,10 @@ def _info(part: str, sender: str, recipient: str, msg_id: str) -> bytes:
     return signing_input(f"seal/v2/{part}", sender, recipient, msg_id)
 
 
+def _header_signed(sender: str, recipient: str, msg_id: str, subject: str) -> bytes:
+    return signing_input("header/v3", sender, recipient, msg_id, subject)
+
+
 def _inner_v2_signed(inner: InnerMessage) -> bytes:
     return signing_input("inner/v2", inner.sender, inner.recipient, inner.msg_id, format_time(inner.sent_at),
                          inner.subject, inner.body)
@@ -144,12 +159,13 @@ def seal(inner: InnerMessage, sender_key: PrivateKey, recipient_key: KeyRecord |
     key_id = bytes.fromhex(recipient_key.key_id)
     signature = sign(sender_key, _inner_v2_signed(inner))
     ids = (inner.sender, inner.recipient, inner.msg_id)
-    header = key_id + hpke.seal(recipient_key.kem, recipient_key.public_key, inner.subject.encode(),
-                                _info("header", *ids))
+    subject_signature = sign(sender_key, _header_signed(inner.sender, inner.recipient, inner.msg_id, inner.subject))
+    header = key_id + hpke.seal(recipient_key.kem, recipient_key.public_key,
+                                pack(inner.subject.encode(), subject_signature), _info("header", *ids))
     plain = pack(inner.sender.encode(), inner.recipient.encode(), inner.msg_id.encode(),
                  format_time(inner.sent_at).encode(), inner.subject.encode(), inner.body, signature)
     envelope = key_id + hpke.seal(recipient_key.kem, recipient_key.public_key, plain, _info("body", *ids))
-    return Sealed(ENVELOPE_V2, header, envelope)
+    return Sealed(ENVELOPE_V3, header, envelope)
 
 
 def _seal_v1(inner: InnerMessage, sender_key: PrivateKey) -> Sealed:
@@ -165,7 +181,8 @@ def _open_v2(blob: bytes, part: str, keyring: Keyring | None, ids: tuple[str, st
         raise VerificationError("sealed message but no key to open it")
     found = keyring.private_key(blob[:KEY_ID_LEN].hex())
     if found is None:
-        raise VerificationError("sealed to an encryption key we do not have (retired or never ours)")
+        raise NoSuchKey(f"sealed to encryption key {blob[:KEY_ID_LEN].hex()}, which this state directory does "
+                        "not hold")
     try:
         return hpke.open_sealed(found[0], found[1], blob[KEY_ID_LEN:], _info(part, *ids))
     except hpke.HpkeError as exc:
@@ -173,19 +190,36 @@ def _open_v2(blob: bytes, part: str, keyring: Keyring | None, ids: tuple[str, st
 
 
 def read_subject(version: int, header: bytes, *, reader: str = "", sender: str = "", msg_id: str = "",
-                 keyring: Keyring | None = None) -> str:
-    """The subject shown by ``askqueue`` (checked against the signed copy when the message is read)."""
-    if version == ENVELOPE_V2:
+                 keyring: Keyring | None = None, sender_key: PublicKey | None = None) -> str:
+    """The subject of a sealed header. Version 3 carries the sender's signature over it, checked with
+    ``sender_key`` (from the sender's validated certificate), so ``askqueue`` can show it. Earlier
+    versions are returned unauthenticated: ``open_envelope`` compares them with the signed inner
+    message, and ``askqueue`` shows them as unverifiable."""
+    if version in SEALED_VERSIONS:
         raw = _open_v2(header, "header", keyring, (sender, reader, msg_id))
+        if version == ENVELOPE_V2:
+            return _subject(raw)
         try:
-            return check_subject(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
+            subject_bytes, signature = unpack(raw, 2)
+        except ValueError as exc:
             raise VerificationError(f"header malformed: {exc}") from None
+        subject = _subject(subject_bytes)
+        if sender_key is None or not verify_signature(sender_key, signature,
+                                                      _header_signed(sender, reader, msg_id, subject)):
+            raise VerificationError("subject signature does not verify against the sender's certificate")
+        return subject
     if version != ENVELOPE_V1:
         raise VerificationError(f"unsupported envelope version {version}")
     try:
         return check_subject(_load(header, "header").str("subject", MAX_SUBJECT))
     except (ProtocolError, ValueError) as exc:
+        raise VerificationError(f"header malformed: {exc}") from None
+
+
+def _subject(raw: bytes) -> str:
+    try:
+        return check_subject(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
         raise VerificationError(f"header malformed: {exc}") from None
 
 
@@ -196,7 +230,7 @@ def open_envelope(sealed: Sealed, *, reader: str, sender: str, msg_id: str, send
     ``sender`` and ``msg_id`` come from the relay's signed receipt, ``sender_key`` from the sender's
     certificate, which the caller has validated at the receipt's server time.
     """
-    if sealed.version == ENVELOPE_V2:
+    if sealed.version in SEALED_VERSIONS:
         inner = _open_inner_v2(sealed, reader, sender, msg_id, sender_key, keyring)
     elif sealed.version == ENVELOPE_V1:
         inner = _open_inner_v1(sealed, sender_key)
@@ -209,7 +243,7 @@ def open_envelope(sealed: Sealed, *, reader: str, sender: str, msg_id: str, send
     if inner.msg_id != msg_id:
         raise VerificationError("message id inside the envelope does not match the relay's")
     subject = read_subject(sealed.version, sealed.header, reader=reader, sender=sender, msg_id=msg_id,
-                           keyring=keyring)
+                           keyring=keyring, sender_key=sender_key)
     if subject != inner.subject:
         raise VerificationError("subject shown in the queue differs from the signed subject")
     return OpenedMessage(inner)

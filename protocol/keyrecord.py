@@ -53,14 +53,9 @@ class KeyRecord:
 def parse_signed_record(record: bytes, signature: bytes, expected_uid: str, owner_key: PublicKey,
                         now: dt.datetime | None = None) -> KeyRecord:
     """The record, after checking its signature by ``owner_key``, its UID and its validity period."""
-    if not verify_signature(owner_key, signature, signing_input(LABEL, record)):
+    if not signed_by(record, signature, owner_key):
         raise KeyRecordError("signature does not verify against the owner's certificate")
-    try:
-        f = Fields(loads_object(record))
-        rec = KeyRecord(f.uid("uid"), f.str("kem", 32), f.bytes("public_key", 2048),
-                        parse_time(f.str("created", 40)), parse_time(f.str("expires", 40)))
-    except (ValueError, ProtocolError) as exc:
-        raise KeyRecordError(f"malformed key record ({exc})") from None
+    rec = read_record(record)
     if rec.uid != expected_uid:
         raise KeyRecordError(f"key record is for {rec.uid}, not {expected_uid}")
     if rec.kem not in KEMS:
@@ -74,9 +69,16 @@ def parse_signed_record(record: bytes, signature: bytes, expected_uid: str, owne
     return rec
 
 
-def record_created(record: bytes) -> dt.datetime | None:
-    """When a stored record (verified when it was published) was made; None if it cannot be read."""
+def read_record(record: bytes) -> KeyRecord:
+    """The record's fields, without any check of who signed it (callers that trust it say why)."""
     try:
-        return parse_time(Fields(loads_object(record)).str("created", 40))
-    except (ValueError, ProtocolError):
-        return None
+        f = Fields(loads_object(record))
+        return KeyRecord(f.uid("uid"), f.str("kem", 32), f.bytes("public_key", 2048),
+                         parse_time(f.str("created", 40)), parse_time(f.str("expires", 40)))
+    except (ValueError, ProtocolError) as exc:
+        raise KeyRecordError(f"malformed key record ({exc})") from None
+
+
+def signed_by(record: bytes, signature: bytes, owner_key: PublicKey) -> bool:
+    """Whether ``owner_key`` signed these record bytes (who made it, not whether it is usable)."""
+    return verify_signature(owner_key, signature, signing_input(LABEL, record))

@@ -228,22 +228,28 @@ def request_to_wire(req: Request) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------- responses
 @dataclass(frozen=True)
 class QueueEntry:
+    """One unread message as ``queue`` lists it: with its receipt (the signed server time) and the
+    fingerprint of the sender's certificate, so the client can check the signed subject."""
+
     num: int
     sender: str
     msg_id: str
     server_time: dt.datetime
     envelope_version: int
     header: bytes
+    receipt: Receipt
+    sender_cert: bytes  # SHA-256 fingerprint of the certificate the sender connected with
 
     def to_wire(self) -> dict[str, Any]:
         return {"num": self.num, "from": self.sender, "msg_id": self.msg_id,
                 "server_time": format_time(self.server_time), "envelope_version": self.envelope_version,
-                "header": b64e(self.header)}
+                "header": b64e(self.header), "receipt": self.receipt.to_wire(), "sender_cert": b64e(self.sender_cert)}
 
     @classmethod
     def from_wire(cls, f: Fields) -> "QueueEntry":
         return cls(f.int("num", 1), f.uid("from"), f.msg_id(), parse_time(f.str("server_time", 40)),
-                   f.int("envelope_version", 1, 255), f.bytes("header", MAX_HEADER))
+                   f.int("envelope_version", 1, 255), f.bytes("header", MAX_HEADER),
+                   Receipt.from_wire(f.object("receipt")), f.bytes("sender_cert", 32))
 
 
 @dataclass(frozen=True)
@@ -263,19 +269,17 @@ class StoredMessage:
     read: bool = False
 
     def entry(self) -> QueueEntry:
-        return QueueEntry(self.num, self.sender, self.msg_id, self.server_time, self.envelope_version, self.header)
+        return QueueEntry(self.num, self.sender, self.msg_id, self.server_time, self.envelope_version, self.header,
+                          self.receipt, self.sender_cert)
 
     def to_wire(self) -> dict[str, Any]:
-        return {**self.entry().to_wire(), "to": self.recipient,
-                "envelope": b64e(self.envelope), "receipt": self.receipt.to_wire(),
-                "sender_cert": b64e(self.sender_cert), "read": self.read}
+        return {**self.entry().to_wire(), "to": self.recipient, "envelope": b64e(self.envelope), "read": self.read}
 
     @classmethod
     def from_wire(cls, f: Fields) -> "StoredMessage":
         e = QueueEntry.from_wire(f)
         return cls(e.num, e.sender, f.uid("to"), e.msg_id, e.server_time, e.envelope_version, e.header,
-                   f.bytes("envelope", MAX_ENVELOPE), Receipt.from_wire(f.object("receipt")),
-                   f.bytes("sender_cert", 32), f.bool("read"))
+                   f.bytes("envelope", MAX_ENVELOPE), e.receipt, e.sender_cert, f.bool("read"))
 
 
 @dataclass(frozen=True)

@@ -171,9 +171,10 @@ class SQLiteStore(MessageStore):
 
     def list_unread(self, uid: str, after: int, limit: int) -> list[QueueEntry]:
         rows = self.db.execute(
-            "SELECT num, sender, msg_id, server_time, envelope_version, header FROM messages"
+            "SELECT num, sender, msg_id, server_time, envelope_version, header, receipt, sender_cert FROM messages"
             " WHERE recipient=? AND read=0 AND num>? ORDER BY num LIMIT ?", (uid, after, limit)).fetchall()
-        return [QueueEntry(r[0], r[1], r[2], parse_time(r[3]), r[4], bytes(r[5])) for r in rows]
+        return [QueueEntry(r[0], r[1], r[2], parse_time(r[3]), r[4], bytes(r[5]), _receipt(r[6]), bytes(r[7]))
+                for r in rows]
 
     def get_message(self, uid: str, num: int) -> StoredMessage | None:
         row = self.db.execute(

@@ -31,6 +31,7 @@ from protocol.messages import (
     queue_page,
     request_to_wire,
 )
+from protocol.receipts import Receipt
 
 
 def frames_of(objs):
@@ -113,7 +114,9 @@ def test_request_validation(obj, code):
 
 
 def test_queue_page_fits_a_frame():
-    entries = [QueueEntry(i, "ALICE", "a" * 32, dt.datetime.now(dt.timezone.utc), 1, b"x" * 1500) for i in range(1, 30)]
+    now = dt.datetime.now(dt.timezone.utc)
+    receipt = Receipt("a" * 32, "ALICE", "BOB", bytes(32), now, 1, bytes(32), bytes(72))
+    entries = [QueueEntry(i, "ALICE", "a" * 32, now, 1, b"x" * 1500, receipt, bytes(32)) for i in range(1, 30)]
     page = queue_page(entries, 1, MAX_FRAME)
     assert page.more and 0 < len(page.entries) < len(entries)
     from protocol.messages import ok_response
