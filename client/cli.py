@@ -66,6 +66,7 @@ options:
   --server HOST:PORT     relay address (default 127.0.0.1:7777)
   --ca FILE              trust anchor (default: the CA certificate bundled in the keystore)
   --crl FILE             CA's CRL for checking senders (default: the one the relay publishes)
+  --no-crl               go on without revocation checks when no CRL is to be had
   --password-file FILE   keystore password (or MSG_RELAY_PASSWORD, or a prompt)
   --state-dir DIR        local state (default ~/.local/share/msg-relay/<UID>-<CA fingerprint>)
   --kem KEM              encryption key type for new keys: MLKEM768_X25519 (default) or X25519
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", default="127.0.0.1:7777")
     p.add_argument("--ca")
     p.add_argument("--crl")
+    p.add_argument("--no-crl", action="store_true")
     p.add_argument("--password-file")
     p.add_argument("--state-dir")
     p.add_argument("--timeout", type=float, default=30.0)
@@ -216,7 +218,8 @@ async def _run(opts: argparse.Namespace) -> int:
             raise ClientError(f"bad subject: {exc}") from None
         body = _read_body()
     async with RelayClient(store, host, port, anchors, crls, timeout=opts.timeout) as client:
-        mailbox = Mailbox(client, state, TrustPolicy(anchors, crls), opts.kem)
+        mailbox = Mailbox(client, state, TrustPolicy(anchors, crls), opts.kem, require_crl=not opts.no_crl)
+        await mailbox.policy()  # the newest CRL, and the relay's own certificate checked against it
         if opts.command == "rotate-key":
             key = await mailbox.rotate_key()
             print(f"new {key.record.kem} encryption key {key.record.key_id} published")

@@ -73,9 +73,11 @@ class NoRecipientKey(ClientError):
 
 
 class Mailbox:
-    def __init__(self, client: RelayClient, state: ClientState, policy: TrustPolicy, kem: str = DEFAULT_KEM) -> None:
+    def __init__(self, client: RelayClient, state: ClientState, policy: TrustPolicy, kem: str = DEFAULT_KEM,
+                 require_crl: bool = True) -> None:
         """``policy`` holds the trust anchors and any CRL the user gave (``--crl``); CRLs the relay serves
-        join them through the client's CRL cache, newest verified per CA."""
+        join them through the client's CRL cache, newest verified per CA. Without ``require_crl``
+        (``--no-crl``) a client with no CRL at all checks no revocation."""
         self.client = client
         self.state = state
         self.kem = kem
@@ -87,6 +89,7 @@ class Mailbox:
             except CrlOlder:
                 continue  # a --crl file older than the CRL we already verified: ours is the newer
         self._base = policy
+        self.require_crl = require_crl
         self._policy: TrustPolicy | None = None
         self._directory: dict[tuple[str, bytes | None], DirectoryResult] = {}
 
@@ -95,8 +98,24 @@ class Mailbox:
         only a CRL newer than the one held is fetched."""
         if self._policy is None:
             await self.crls.refresh(self.client)
-            self._policy = TrustPolicy(self._base.anchors, self.crls.crls(), self._base.org_unit)
+            if self.require_crl and not self.crls.crls():
+                # A relay that serves no CRL would otherwise switch revocation checking off for us.
+                raise ClientError("no CRL of the CA to check revocation with (the relay served none): give "
+                                  "--crl FILE, or --no-crl to go on without revocation checks")
+            policy = TrustPolicy(self._base.anchors, self.crls.crls(), self._base.org_unit)
+            self._check_relay(policy)
+            self._policy = policy
         return self._policy
+
+    def _check_relay(self, policy: TrustPolicy) -> None:
+        """The relay's own certificate against the newest CRL we hold: a revoked relay is not talked to."""
+        cert = self.client.server_cert
+        if cert is None:
+            return
+        try:
+            policy.validate(cert, self.client.keystore.intermediates(), role="server")
+        except ValidationError as exc:
+            raise ClientError(f"the relay's certificate is not valid: {exc}") from None
 
     async def ensure_published(self) -> OwnKey:
         """Make our encryption key on first use, and publish it whenever the relay lacks it.

@@ -17,8 +17,9 @@ AUDIT_LOGGER = "msg_relay.audit"
 
 class AuditLog:
     def __init__(self, path: str | None = None) -> None:
-        self.logger = logging.getLogger(AUDIT_LOGGER)
-        self.logger.setLevel(logging.INFO)
+        # A logger of its own, not the process-wide one by that name: two relays in one process (tests,
+        # an embedding application) must never write into each other's audit log.
+        self.logger = logging.Logger(AUDIT_LOGGER, logging.INFO)
         self.logger.propagate = False
         self._handler: logging.Handler = logging.FileHandler(path) if path else logging.StreamHandler()
         self._handler.setFormatter(logging.Formatter("%(message)s"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sqlite3
-import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -32,6 +32,10 @@ from .harness import (
     run_client,
     server_config,
 )
+
+# A revocation dated this long after a message's server time, rather than waiting for the clock to pass
+# the one-second resolution of CRL dates.
+LATER = timedelta(seconds=10)
 
 
 def db(tmp_path: Path) -> sqlite3.Connection:
@@ -182,12 +186,13 @@ def test_revocation_before_and_after_the_receipt_time(tmp_path, user):
     try:
         assert run("READER", "askqueue").code == 0
         assert run("LATE", "send", "READER", "sent before revocation", stdin=b"ok").code == 0
-        time.sleep(1.1)  # CRL dates have one-second resolution
-        ca.revoke(uid="LATE")
-        ca.revoke(uid="EARLY")
-        time.sleep(1.1)
+        sent = utc_now()  # after the message's server time
+        # CRL dates have one-second resolution: date LATE's revocation clearly after its message instead
+        # of waiting for the clock. EARLY's is dated now, before the message it sends below.
+        ca.revoke(uid="LATE", when=sent + LATER)
+        ca.revoke(uid="EARLY", when=sent)
         assert run_client(server, tmp_path / "EARLY.p12", "send", "READER", "sent after revocation", stdin=b"no",
-                          state=tmp_path / "st" / "EARLY").code == 0
+                          state=tmp_path / "st" / "EARLY", extra=["--no-crl"]).code == 0
         ok = run("READER", "getmsg", "1")
         assert ok.code == 0 and "sent before revocation" in ok.out
         bad = run("READER", "getmsg", "2")
@@ -212,17 +217,17 @@ def test_course_style_rsa_keystores(tmp_path):
                         users_dir=str(tmp_path))
     server = ServerThread(cfg).start()
     try:
-        _round_trip(server, tmp_path, paths["ALICE"], paths["BOB"])
+        _round_trip(server, tmp_path, paths["ALICE"], paths["BOB"], "--no-crl")  # a relay with no CRL to serve
     finally:
         server.stop()
 
 
-def _round_trip(server, tmp_path, a: Path, b: Path):
+def _round_trip(server, tmp_path, a: Path, b: Path, *extra: str):
     sa, sb = tmp_path / "state-a", tmp_path / "state-b"
-    assert run_client(server, b, "askqueue", state=sb).code == 0
-    r = run_client(server, a, "send", load_keystore(b).uid, "typed", stdin=b"works", state=sa)
+    assert run_client(server, b, "askqueue", state=sb, extra=extra).code == 0
+    r = run_client(server, a, "send", load_keystore(b).uid, "typed", stdin=b"works", state=sa, extra=extra)
     assert r.code == 0, r.err
-    r = run_client(server, b, "getmsg", "1", state=sb)
+    r = run_client(server, b, "getmsg", "1", state=sb, extra=extra)
     assert r.code == 0 and r.out_bytes.endswith(b"\n\nworks\n"), r.err
 
 
@@ -243,8 +248,7 @@ def test_messages_survive_the_senders_certificate_renewal(tmp_path):
     try:
         assert run("BEN", "askqueue").code == 0
         assert run("ANNA", "send", "BEN", "old certificate", stdin=b"1").code == 0
-        time.sleep(1.1)
-        ca.revoke(uid="ANNA", reason="superseded")
+        ca.revoke(uid="ANNA", reason="superseded", when=utc_now() + LATER)  # after the message's server time
         save_keystore(tmp_path / "ANNA.p12", ca.issue("ANNA"), None)  # renewed: new key, new certificate
         assert run("ANNA", "send", "BEN", "new certificate", stdin=b"2").code == 0
         first, second = run("BEN", "getmsg", "1"), run("BEN", "getmsg", "2")
@@ -263,8 +267,7 @@ def test_receipts_survive_the_relays_certificate_renewal(tmp_path):
     assert run(server, "BEN", "askqueue").code == 0
     assert run(server, "ANNA", "send", "BEN", "before renewal", stdin=b"1").code == 0
     server.stop()
-    time.sleep(1.1)
-    ca.revoke(uid="MSG_SERVER", reason="superseded")
+    ca.revoke(uid="MSG_SERVER", reason="superseded", when=utc_now() + LATER)  # after the receipt's time
     save_keystore(tmp_path / "MSG_SERVER.p12", ca.issue("MSG_SERVER", server=True), None)
     server = private_relay(tmp_path)
     try:
