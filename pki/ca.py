@@ -229,8 +229,10 @@ class CertificateAuthority:
         return store
 
     # ----- revocation -------------------------------------------------------------------------
-    def revoke(self, *, uid: str | None = None, serial: str | None = None, reason: str = "unspecified") -> list[str]:
-        """Mark matching certificates revoked and publish a new CRL; returns the serials revoked."""
+    def revoke(self, *, uid: str | None = None, serial: str | None = None, reason: str = "unspecified",
+               when: dt.datetime | None = None) -> list[str]:
+        """Mark matching certificates revoked as of ``when`` (an aware datetime; default now) and publish a
+        new CRL; returns the serials revoked."""
         if reason not in REVOCATION_REASONS:
             raise PkiError(f"unknown reason {reason!r} (choose from {', '.join(REVOCATION_REASONS)})")
         want = serial.lower().removeprefix("0x").lstrip("0") if serial else None
@@ -240,7 +242,7 @@ class CertificateAuthority:
             what = f"UID {uid}" if uid else f"serial {serial}"
             raise PkiError(f"no unrevoked certificate with {what} in this CA")
         for e in hits:
-            e["revoked"] = {"date": _now().isoformat(), "reason": reason}
+            e["revoked"] = {"date": (when or _now()).isoformat(), "reason": reason}
         self._save_index()
         self.write_crl()
         return [e["serial"] for e in hits]

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import crypto
 
@@ -63,11 +65,42 @@ def _utc(t: dt.datetime) -> dt.datetime:
     return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
 
 
+# The certificate policy of both layers (TLS peers and message senders alike): no key weaker than these,
+# no signature over a broken hash anywhere in a path.
+MIN_RSA_BITS = 2048
+ALLOWED_CURVES = frozenset({"secp256r1", "secp384r1", "secp521r1"})
+BROKEN_HASHES = frozenset({"md5", "sha1"})
+
+
+def check_algorithms(cert: x509.Certificate, *, check_signature: bool = True) -> None:
+    """ValidationError unless ``cert``'s key and (unless it is a trust anchor's self-signature) the
+    hash of its signature meet the policy. OpenSSL refuses some of this at the TLS layer on its own;
+    pyOpenSSL's path validation refuses none of it, so this one rule is applied at both."""
+    key = cert.public_key()
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise ValidationError("weak_key", f"RSA key of {key.key_size} bits: at least {MIN_RSA_BITS} required")
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in ALLOWED_CURVES:
+            raise ValidationError("weak_key", f"elliptic curve {key.curve.name} not allowed (P-256 or larger)")
+    elif not isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+        raise ValidationError("weak_key", f"key type {type(key).__name__} not allowed")
+    if check_signature:
+        try:
+            algorithm = cert.signature_hash_algorithm
+        except UnsupportedAlgorithm:
+            raise ValidationError("weak_signature", "certificate signed with an unknown algorithm") from None
+        if algorithm is not None and algorithm.name in BROKEN_HASHES:
+            raise ValidationError("weak_signature", f"certificate signed with {algorithm.name.upper()}, "
+                                  "which is broken")
+
+
 def check_profile(cert: x509.Certificate, role: Role, org_unit: str | None = DEFAULT_ORG_UNIT) -> Identity:
     """The relay's own rules for a leaf that already chains to the trust anchor.
 
     Used on its own for TLS peers (stdlib ``ssl`` has done the chain) and by :func:`validate`.
     """
+    check_algorithms(cert)
     uid = uid_of(cert)
     if uid is None:
         raise ValidationError("no_uid", "certificate has no usable UID (PSEUDONYM attribute)")
@@ -155,6 +188,13 @@ class TrustPolicy:
             reason, text = _REASONS.get(code, ("invalid", f"certificate rejected: {exc}"))
             where = "" if depth == 0 else f" (CA certificate at depth {depth})"
             raise ValidationError(reason, text + where) from None
+        for depth, member in enumerate(chain):
+            # The anchor's self-signature is not what makes it trusted: its hash does not matter.
+            try:
+                check_algorithms(member, check_signature=depth < len(chain) - 1)
+            except ValidationError as exc:
+                where = "" if depth == 0 else f" (CA certificate at depth {depth})"
+                raise ValidationError(exc.reason, f"{exc}{where}") from None
         if at is not None and self.crls:
             self._check_revocation_at(chain, _utc(at))
         return chain
@@ -205,4 +245,4 @@ def validate(cert: x509.Certificate, untrusted: Sequence[x509.Certificate], anch
     return TrustPolicy(anchors, crls, org_unit).validate(cert, untrusted, role, at)
 
 
-__all__ = ["ROLES", "Role", "TrustPolicy", "check_profile", "crl_covers_anchors", "validate"]
+__all__ = ["ROLES", "Role", "TrustPolicy", "check_algorithms", "check_profile", "crl_covers_anchors", "validate"]

@@ -53,7 +53,8 @@ def self_signed_ca(subject: x509.Name, key: PrivateKey | None = None, *, days: i
 def leaf(issuer: Issuer, uid: str | None, *, cn: str | None = None, ou: str | None = DEFAULT_ORG_UNIT,
          not_before: dt.datetime | None = None, not_after: dt.datetime | None = None,
          eku: list[x509.ObjectIdentifier] | None = None, ca: bool | None = False,
-         key: PrivateKey | None = None, course_key_usage: bool = False) -> Keystore:
+         key: PrivateKey | None = None, course_key_usage: bool = False,
+         digest: hashes.HashAlgorithm | None = None) -> Keystore:
     """A leaf with the given defects; ``eku=None`` means clientAuth, ``[]`` means no EKU extension."""
     key = key or generate_key()
     b = (x509.CertificateBuilder().subject_name(name(uid, cn or uid or "nobody", ou))
@@ -70,7 +71,23 @@ def leaf(issuer: Issuer, uid: str | None, *, cn: str | None = None, ou: str | No
     if usages:
         b = b.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     cert = b.sign(issuer.key, certificate_hash(issuer.key))
+    if digest is not None:
+        cert = resigned(cert, issuer.key, digest.name)
     return Keystore(key=key, cert=cert, chain=[issuer.cert])
+
+
+def resigned(cert: x509.Certificate, key: PrivateKey, digest: str) -> x509.Certificate:
+    """``cert`` signed again over ``digest`` (``sha1``): ``cryptography`` refuses to sign with a broken
+    hash, OpenSSL (through pyOpenSSL's deprecated ``X509.sign``) still can, which is what tests need."""
+    import warnings
+
+    from OpenSSL import crypto
+
+    legacy = crypto.X509.from_cryptography(cert)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        legacy.sign(crypto.PKey.from_cryptography_key(key), digest)
+    return legacy.to_cryptography()
 
 
 def course_pki(directory: Path, uids: tuple[str, ...] = ("ALICE", "BOB")) -> dict[str, Path]:

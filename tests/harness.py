@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ssl
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from client.cli import main as client_main
+from pki.tls import client_context
+from protocol.frames import FrameDecoder, decode_payload
 from server.app import RelayServer
 from server.audit import AuditLog
 from server.config import ServerConfig
@@ -44,6 +47,22 @@ class ServerThread:
         assert self.server is not None
         return self.server.port
 
+    async def until(self, condition: Callable[[RelayServer], bool], what: str, timeout: float = 20) -> None:
+        """From another event loop: wait until ``condition(server)`` holds, evaluated on the relay's own
+        loop (so it sees a consistent state). ``timeout`` only matters when the relay never gets there."""
+        assert self.server is not None
+        server = self.server
+
+        async def check() -> bool:
+            return condition(server)
+
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while not await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(check(), self.loop)):
+            if loop.time() > end:
+                raise AssertionError(f"the relay did not reach this state within {timeout} s: {what}")
+            await asyncio.sleep(0.01)
+
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
@@ -57,6 +76,46 @@ class ServerThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+async def raw_session(port: int, store: Any, payload: bytes, *, until: Any = None, count: int | None = None,
+                      deadline: float = 20) -> list[dict]:
+    """Send raw bytes on an authenticated connection; return the relay's answers, decoded.
+
+    Reads until the answer with id ``until`` is in, or ``count`` answers are, or the relay closes the
+    connection (with neither given: until it closes). ``deadline`` (seconds) only matters when the relay
+    does none of these: the test then fails, showing what had arrived.
+    """
+    ctx = client_context(store, store.ca_certificates())
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, ssl=ctx), deadline)
+    dec, out = FrameDecoder(), []
+
+    def complete() -> bool:
+        return ((count is not None and len(out) >= count)
+                or (until is not None and any(r.get("id") == until for r in out)))
+
+    try:
+        try:
+            writer.write(payload)
+            await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass  # the relay closed early (it refuses an oversize frame at once): read what it answered
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        while not complete():
+            try:
+                data = await asyncio.wait_for(reader.read(65536), end - loop.time())
+            except (ConnectionError, ssl.SSLError):
+                break
+            except asyncio.TimeoutError:
+                raise AssertionError(f"the relay neither finished answering nor closed within {deadline} s; "
+                                     f"answers so far: {out!r}") from None
+            if not data:
+                break
+            out += [decode_payload(p) for p in dec.feed(data)]
+    finally:
+        writer.close()
+    return out
 
 
 def server_config(demo_dir: Path, tmp: Path, **kw: Any) -> ServerConfig:

@@ -8,6 +8,7 @@ twice, and the database must stay consistent.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -38,6 +39,8 @@ SENDERS = ("MSG_CLI1", "MSG_CLI3")
 RECIPIENT = "MSG_CLI2"
 CLIENTS_PER_SENDER = 2
 KILLS = 5
+SENDS_PER_LIFE = 25  # receipts each relay instance gives before it may be killed: KILLS+1 lives, > 100 in all
+DEADLINE = 60.0  # seconds; only a relay that never comes back or never serves waits this long
 
 
 class RelayProcess:
@@ -92,39 +95,54 @@ def test_sigkill_loses_no_acknowledged_message(demo_dir, tmp_path):
     receipts: dict[str, Receipt] = {}
     sealed_by_id: dict[str, Sealed] = {}
     retries = 0
+    receipted = asyncio.Event()  # set at every new receipt; bound to the loop of asyncio.run(scenario())
 
     async def sender_task(sender: str, done: asyncio.Event) -> None:
         """Send until the killer is finished, each message retried (same bytes) until receipted."""
         nonlocal retries
         client: RelayClient | None = None
+        loop = asyncio.get_running_loop()
         i = 0
         while not done.is_set():
             msg_id, sealed = prepare(sender, i)
             i += 1
             sealed_by_id[msg_id] = sealed
-            for _attempt in range(200):
+            give_up = loop.time() + DEADLINE
+            while True:
                 try:
                     if client is None:
                         client = RelayClient(stores[sender], "127.0.0.1", relay.port, anchors, timeout=5)
                         await client.connect()
                     receipts[msg_id] = await client.send(RECIPIENT, msg_id, sealed)
+                    receipted.set()
                     break
                 except ClientError:
                     retries += 1
                     if client is not None:
                         await client.close()
                     client = None
-                    await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("relay never came back")
+                    if loop.time() > give_up:
+                        raise AssertionError("relay never came back") from None
+                    await asyncio.sleep(0.05)  # back off before reconnecting, as a client would
         if client is not None:
             await client.close()
 
+    async def served(at_least: int) -> None:
+        """Until ``at_least`` receipts are in: each relay instance serves before it is killed, however
+        slow the machine (a fixed schedule alone would kill a relay that a busy machine kept idle)."""
+        async def wait() -> None:
+            while len(receipts) < at_least:
+                receipted.clear()
+                await receipted.wait()
+        await asyncio.wait_for(wait(), DEADLINE)
+
     async def killer(done: asyncio.Event) -> None:
-        for _ in range(KILLS):
-            await asyncio.sleep(rng.uniform(0.1, 0.4))
+        for life in range(1, KILLS + 1):
+            await served(life * SENDS_PER_LIFE)
+            await asyncio.sleep(rng.uniform(0.1, 0.4))  # then a random moment, mid-send
             relay.kill()
             await asyncio.get_running_loop().run_in_executor(None, relay.start)
+        await served((KILLS + 1) * SENDS_PER_LIFE)
         await asyncio.sleep(0.2)
         done.set()
 
@@ -164,6 +182,15 @@ def test_sigterm_finishes_in_flight_requests(demo_dir, tmp_path):
     anchors = stores[RECIPIENT].ca_certificates()
     own = Keyring(ClientState(tmp_path / "recipient"), RECIPIENT).ensure(stores[RECIPIENT].key, "X25519")
 
+    def sends_answered() -> int:
+        lines = [json.loads(x) for x in (tmp_path / "audit.log").read_text().splitlines() if x.endswith("}")]
+        return sum(e["event"] == "request" and e.get("op") == "send" and e.get("result") == "ok" for e in lines)
+
+    async def relay_at_work() -> None:
+        """Until the relay has answered a send of the pipeline: the rest are then in flight."""
+        while not sends_answered():
+            await asyncio.sleep(0.005)
+
     async def scenario() -> list:
         async with RelayClient(stores[RECIPIENT], "127.0.0.1", relay.port, anchors) as c:
             await c.publish_key(own.record.to_bytes(), own.signature)
@@ -174,7 +201,7 @@ def test_sigterm_finishes_in_flight_requests(demo_dir, tmp_path):
                 inner = InnerMessage("MSG_CLI1", RECIPIENT, mid, utc_now(), f"s{i}", b"b")
                 reqs.append(c.send_request(RECIPIENT, mid, seal(inner, stores["MSG_CLI1"].key, own.record)))
             pending = asyncio.ensure_future(c.pipeline(reqs))
-            await asyncio.sleep(0.01)
+            await asyncio.wait_for(relay_at_work(), DEADLINE)
             relay.proc.send_signal(signal.SIGTERM)
             return await pending
 
