@@ -111,7 +111,7 @@ class FrameDecoder:
         self._buf = bytearray()
         self._pos = 0
         self._need: int | None = None
-        self._broken = False
+        self._broken: FrameError | None = None  # the error that broke the stream, raised again on use
 
     @property
     def buffered(self) -> int:
@@ -120,7 +120,7 @@ class FrameDecoder:
 
     def receive(self, data: bytes) -> None:
         if self._broken:
-            raise FrameError(ErrorCode.BAD_REQUEST, "stream already failed")
+            raise self._broken
         if self._pos:
             del self._buf[:self._pos]  # compact once per read, not once per frame
             self._pos = 0
@@ -129,17 +129,17 @@ class FrameDecoder:
     def next_payload(self) -> bytes | None:
         """The next complete frame's payload, or None until more bytes arrive."""
         if self._broken:
-            raise FrameError(ErrorCode.BAD_REQUEST, "stream already failed")
+            raise self._broken
         if self._need is None:
             if self.buffered < HEADER.size:
                 return None
             (length,) = HEADER.unpack_from(self._buf, self._pos)
             if length > self.max_size:
-                self._broken = True
                 self._buf.clear()
                 self._pos = 0
-                raise FrameError(ErrorCode.TOO_LARGE,
-                                 f"declared frame length {length} exceeds the limit of {self.max_size}")
+                self._broken = FrameError(ErrorCode.TOO_LARGE,
+                                          f"declared frame length {length} exceeds the limit of {self.max_size}")
+                raise self._broken
             self._pos += HEADER.size
             self._need = length
         if self.buffered < self._need:

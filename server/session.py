@@ -47,8 +47,18 @@ WRITE_BUFFER_HIGH = 64 * 1024
 
 
 def _take(decoder: FrameDecoder, limit: int) -> list[bytes]:
+    """Up to ``limit`` whole frames. A broken frame behind whole ones is raised on the next call, after
+    the frames before it were answered: a client's good requests are never dropped for a later bad one."""
     out: list[bytes] = []
-    while len(out) < limit and (payload := decoder.next_payload()) is not None:
+    while len(out) < limit:
+        try:
+            payload = decoder.next_payload()
+        except FrameError:
+            if out:
+                return out
+            raise
+        if payload is None:
+            break
         out.append(payload)
     return out
 

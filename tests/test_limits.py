@@ -246,3 +246,24 @@ def test_a_client_that_pipelines_and_never_reads_costs_one_batch(tmp_path):
         tls.close()
     finally:
         server.stop()
+
+
+def test_requests_before_a_broken_frame_are_answered(tmp_path):
+    """Two good requests and an oversized frame header in one write: both are answered, then the
+    relay says ``too_large`` and closes (the good ones are not dropped for the bad one behind them)."""
+    private_pki(tmp_path, ("ANNA",))
+    server = private_relay(tmp_path)
+    anna = load_keystore(tmp_path / "ANNA.p12")
+    try:
+        raw = socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE)
+        tls = client_context(anna, anna.ca_certificates()).wrap_socket(raw, server_hostname="127.0.0.1")
+        good = b"".join(encode_frame(request_to_wire(GetRequest(i, 99))) for i in (1, 2))
+        tls.sendall(good + (MAX_FRAME + 1).to_bytes(4, "big"))
+        decoder, answers = FrameDecoder(), []
+        while data := tls.recv(65536):
+            answers += [decode_payload(p) for p in decoder.feed(data)]
+        assert [a["id"] for a in answers] == [1, 2, None]
+        assert [a["error"]["code"] for a in answers] == ["unknown_message", "unknown_message", "too_large"]
+        tls.close()
+    finally:
+        server.stop()
