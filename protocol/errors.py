@@ -21,6 +21,7 @@ class ErrorCode(str, Enum):
     UNKNOWN_USER = "unknown_user"
     DUPLICATE = "duplicate"
     BUSY = "busy"
+    QUOTA = "quota"
     INTERNAL = "internal"
 
 

@@ -69,7 +69,7 @@ class RelayServer:
         self.users = UserRegistry(self.store)
         self.handlers = Handlers(self.store, self.users, self.keystore.intermediates(),
                                  self.published_crls, config.max_frame,
-                                 max_signature_size(server_key))
+                                 max_signature_size(server_key), config.quota)
         self._crl_task: asyncio.Task[None] | None = None
         self.stopping = False
         self._server: asyncio.base_events.Server | None = None
@@ -237,6 +237,8 @@ class RelayServer:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         cfg = self.config
+        if not self.stopping and len(self._sessions) >= cfg.max_connections:
+            self._make_room()
         if self.stopping or len(self._sessions) >= cfg.max_connections:
             peer = writer.get_extra_info("peername")
             self.audit.event("connection_refused", peer=f"{peer[0]}:{peer[1]}" if peer else "?",
@@ -266,6 +268,26 @@ class RelayServer:
                 self._per_user[session.peer.uid] -= 1
                 if not self._per_user[session.peer.uid]:
                     del self._per_user[session.peer.uid]
+
+    def _make_room(self) -> None:
+        """The relay is full: close the longest-idle connection of the user holding the most (if that user
+        holds more than one), so users with few connections are never locked out by users with many."""
+        if not self._per_user:
+            return
+        greedy = max(self._per_user, key=lambda uid: self._per_user[uid])
+        if self._per_user[greedy] < 2:
+            return
+        idle = [s for s in self._sessions.values() if s.peer is not None and s.peer.uid == greedy and not s.busy]
+        if not idle:
+            return
+        victim = min(idle, key=lambda s: s.last_active)
+        self.audit.event("connection_closed", peer=victim.addr, uid=greedy,
+                         reason="relay full: closing the oldest idle connection of the user holding the most")
+        victim.abort()
+        for task, session in list(self._sessions.items()):
+            if session is victim:
+                self._sessions.pop(task, None)  # counted out now; its task finishes on its own
+                task.cancel()
 
     def admit(self, session: Session, uid: str) -> bool:
         """Called once a session's client is authenticated: False when that UID has too many connections."""

@@ -17,6 +17,7 @@ from protocol.frames import MAX_FRAME_LIMIT, MIN_FRAME_LIMIT
 from .app import RelayServer
 from .audit import AuditLog
 from .config import DEFAULT_PORT, ServerConfig
+from .quota import QuotaConfig
 
 NO_CRL_WARNING = "msg-server: warning: --no-crl: revoked client certificates will be accepted"
 
@@ -60,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds allowed for the TLS handshake (default: %(default)s)")
     p.add_argument("--frame-timeout", type=float, default=d.frame_timeout,
                    help="seconds within which a started frame must be complete (default: %(default)s)")
+    q = d.quota
+    p.add_argument("--max-sends-per-minute", type=int, default=q.sends_per_minute,
+                   help="messages one user may send a minute (default: %(default)s)")
+    p.add_argument("--max-unread", type=int, default=q.max_unread,
+                   help="unread messages one queue may hold (default: %(default)s)")
+    p.add_argument("--max-unread-bytes", type=int, default=q.max_unread_bytes,
+                   help="bytes of unread ciphertext one queue may hold (default: %(default)s)")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging (default: off)")
     return p
 
@@ -70,6 +78,8 @@ def _refusal(args: argparse.Namespace) -> str | None:
         return f"--port must be 0-65535, not {args.port}"
     if min(args.max_connections, args.max_handshakes, args.max_per_user) < 1:
         return "--max-connections, --max-handshakes and --max-per-user must be at least 1"
+    if min(args.max_sends_per_minute, args.max_unread, args.max_unread_bytes) < 1:
+        return "--max-sends-per-minute, --max-unread and --max-unread-bytes must be at least 1"
     if not MIN_FRAME_LIMIT <= args.max_frame <= MAX_FRAME_LIMIT:
         return f"--max-frame must be between {MIN_FRAME_LIMIT} and {MAX_FRAME_LIMIT} bytes, not {args.max_frame}"
     if not args.no_crl and not Path(args.crl).is_file():
@@ -124,7 +134,8 @@ def _serve(args: argparse.Namespace, audit: AuditLog) -> int:
                           users_dir=args.users_dir, max_connections=args.max_connections,
                           max_handshakes=args.max_handshakes, max_per_user=args.max_per_user,
                           max_frame=args.max_frame, idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout,
-                          handshake_timeout=args.handshake_timeout)
+                          handshake_timeout=args.handshake_timeout,
+                          quota=QuotaConfig(args.max_sends_per_minute, args.max_unread, args.max_unread_bytes))
     try:
         asyncio.run(serve(config, audit))
     except MsgRelayError as exc:

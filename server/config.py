@@ -8,6 +8,8 @@ from pki.identity import DEFAULT_ORG_UNIT
 from pki.passwords import PasswordSource
 from protocol.frames import MAX_FRAME
 
+from .quota import QuotaConfig
+
 DEFAULT_PORT = 7777
 
 
@@ -25,7 +27,7 @@ class ServerConfig:
     users_dir: str | None = None
     max_connections: int = 1000
     max_handshakes: int = 64
-    max_per_user: int = 64
+    max_per_user: int = 8  # a user's own connections; far below max_connections, so a few users cannot fill it
     max_frame: int = MAX_FRAME
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
@@ -33,3 +35,4 @@ class ServerConfig:
     crl_warn_days: float = 7.0  # warn (at start, then hourly in the audit log) this long before the CRL expires
     frame_timeout: float = 30.0  # a frame once begun must be complete within this (slowloris)
     org_unit: str | None = DEFAULT_ORG_UNIT
+    quota: QuotaConfig = QuotaConfig()

@@ -50,6 +50,7 @@ from protocol.messages import (
 )
 from protocol.receipts import Receipt
 
+from .quota import QuotaConfig, Quotas
 from .store import AsyncStore, DuplicateMessage, Submission
 
 
@@ -119,8 +120,10 @@ class UserRegistry:
 
 class Handlers:
     def __init__(self, store: AsyncStore, users: "UserRegistry", intermediates: list[x509.Certificate],
-                 crls: PublishedCrls, max_frame: int, receipt_signature_size: int) -> None:
+                 crls: PublishedCrls, max_frame: int, receipt_signature_size: int,
+                 quota: QuotaConfig = QuotaConfig()) -> None:
         self.store = store
+        self.quotas = Quotas(quota, lambda uid: store.call(store.store.unread_usage, uid))
         self.users = users
         self.intermediates_der = [c.public_bytes(Encoding.DER) for c in intermediates]
         self.crls = crls
@@ -165,6 +168,8 @@ class Handlers:
         if size > self.max_frame:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"message too large: it would be served back in {size} bytes, "
                                 f"over the frame limit of {self.max_frame}", req.id)
+        await self.quotas.check_room(req.to, _stored_size(sealed), req.id)
+        self.quotas.take_send(peer.uid, req.id)
         return submission
 
     def _as_stored(self, sub: Submission) -> StoredMessage:
@@ -177,7 +182,15 @@ class Handlers:
     def enqueue_send(self, submission: Submission) -> "asyncio.Future[tuple[Receipt, bool]]":
         """Queue an admitted send for the next group commit, synchronously: the order of these calls is
         the order of queue numbers, whatever the event loop does in between."""
-        return self.store.enqueue(submission)
+        commit = self.store.enqueue(submission)
+        # Counted at once (not when the commit returns), so a pipelined burst cannot overrun the queue.
+        self.quotas.stored(submission.recipient, _stored_size(submission.sealed))
+        commit.add_done_callback(lambda done: self._uncount(submission, done))
+        return commit
+
+    def _uncount(self, submission: Submission, done: "asyncio.Future[tuple[Receipt, bool]]") -> None:
+        if done.cancelled() or done.exception() is not None or not done.result()[1]:
+            self.quotas.read(submission.recipient, _stored_size(submission.sealed))  # nothing new was stored
 
     @staticmethod
     async def stored(req: SendRequest, commit: "asyncio.Future[tuple[Receipt, bool]]") -> SendResult:
@@ -200,8 +213,11 @@ class Handlers:
         return GetResult(msg)
 
     async def mark_read(self, req: MarkReadRequest, peer: Peer) -> MarkReadResult:
-        if not await self.store.call(self.store.store.mark_read, peer.uid, req.num):
+        freed = await self.store.call(self.store.store.mark_read, peer.uid, req.num)
+        if freed is None:
             raise _unknown_message(req)
+        if freed:
+            self.quotas.read(peer.uid, freed)
         return MarkReadResult()
 
     async def directory(self, req: DirectoryRequest) -> DirectoryResult:
@@ -235,6 +251,11 @@ class Handlers:
                                 f"({_iso(record.created)} < {_iso(held_created)})", req.id)
         await self.store.call(self.store.store.put_key, peer.uid, KeyRecordWire(req.record, req.signature))
         return PublishKeyResult()
+
+
+def _stored_size(sealed: Sealed) -> int:
+    """What a message costs its recipient's queue: the ciphertext the relay keeps."""
+    return len(sealed.header) + len(sealed.envelope)
 
 
 def _unknown_message(req: GetRequest | MarkReadRequest) -> ProtocolError:

@@ -73,6 +73,7 @@ class Session:
         self.peer: Peer | None = None
         self.busy = False
         self.aborted = False
+        self.last_active = time.monotonic()  # when a request last arrived (who is idle, when the relay is full)
 
     def abort(self) -> None:
         """Drop the connection at once, without a TLS goodbye (eviction, forced shutdown)."""
@@ -163,6 +164,7 @@ class Session:
             if payloads:
                 frame_started = None
                 self.busy = True
+                self.last_active = time.monotonic()
                 try:
                     async with contextlib.aclosing(self._respond_all(payloads)) as responses:
                         async for response in responses:

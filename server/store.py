@@ -66,8 +66,13 @@ class MessageStore(abc.ABC):
         """The message, read or not; reading it changes nothing (the client marks it read once verified)."""
 
     @abc.abstractmethod
-    def mark_read(self, uid: str, num: int) -> bool:
-        """Take message ``num`` off the unread list; False when the user has no such message."""
+    def mark_read(self, uid: str, num: int) -> int | None:
+        """Take message ``num`` off the unread list: the bytes it frees (0 when it was read already),
+        None when the user has no such message."""
+
+    @abc.abstractmethod
+    def unread_usage(self, uid: str) -> tuple[int, int]:
+        """How many messages, and how many bytes of ciphertext, wait unread for ``uid``."""
 
     @abc.abstractmethod
     def upsert_user(self, uid: str, cert_der: bytes) -> None:
@@ -185,9 +190,20 @@ class SQLiteStore(MessageStore):
         return StoredMessage(row[0], row[1], row[2], row[3], parse_time(row[4]), row[5], bytes(row[6]),
                              bytes(row[7]), _receipt(row[8]), bytes(row[9]), bool(row[10]))
 
-    def mark_read(self, uid: str, num: int) -> bool:
-        cur = self.db.execute("UPDATE messages SET read=1 WHERE recipient=? AND num=?", (uid, num))
-        return cur.rowcount > 0
+    def mark_read(self, uid: str, num: int) -> int | None:
+        row = self.db.execute("SELECT read, length(header) + length(envelope) FROM messages WHERE recipient=? AND num=?",
+                              (uid, num)).fetchone()
+        if row is None:
+            return None
+        if row[0]:
+            return 0
+        self.db.execute("UPDATE messages SET read=1 WHERE recipient=? AND num=?", (uid, num))
+        return int(row[1])
+
+    def unread_usage(self, uid: str) -> tuple[int, int]:
+        row = self.db.execute("SELECT COUNT(*), COALESCE(SUM(length(header) + length(envelope)), 0) FROM messages"
+                              " WHERE recipient=? AND read=0", (uid,)).fetchone()
+        return int(row[0]), int(row[1])
 
     def add_certificate(self, uid: str, cert_der: bytes) -> None:
         self.db.execute("INSERT OR IGNORE INTO certificates (fingerprint, uid, cert) VALUES (?,?,?)",

@@ -3,6 +3,7 @@ Ed25519; no MD5 or SHA-1 signature in a path. The TLS handshake and message vali
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import socket
 import ssl
@@ -86,6 +87,7 @@ def test_tls_layer_refuses_weak_certificates(tmp_path, kind, reason):
                 except (ssl.SSLError, ConnectionError) as exc:
                     answer = str(exc).encode()
         assert b'"ok":true' not in answer
+        asyncio.run(server.until(lambda relay: not relay.connections, "the refused connection is closed"))
         log = (tmp_path / "audit.log").read_text()
         assert "connection_accepted" not in log and "connection_rejected" in log
     finally:

@@ -101,7 +101,16 @@ def test_cannot_read_another_users_queue(relay, user):
     assert r.code == 1 and r.err.startswith(UNKNOWN_MESSAGE)
 
 
-def test_fifty_concurrent_clients(relay, demo_dir, tmp_path):
+@pytest.fixture()
+def roomy_relay(demo_dir, tmp_path):
+    """A relay whose users may each hold 32 connections (the default allows 8)."""
+    server = ServerThread(server_config(demo_dir, tmp_path, max_per_user=32)).start()
+    yield server
+    server.stop()
+
+
+def test_fifty_concurrent_clients(roomy_relay, demo_dir, tmp_path):
+    relay = roomy_relay
     ks = {u: load_keystore(demo_dir / f"{u}.p12") for u in ("MSG_CLI1", "MSG_CLI2", "MSG_CLI3")}
     anchors = ks["MSG_CLI1"].ca_certificates()
 
@@ -403,16 +412,19 @@ def test_stalled_half_frame_dropped_at_idle_timeout(impatient_relay, demo_dir):
 
 
 def test_connection_limit(demo_dir, tmp_path):
+    """Two users hold one connection each: a full relay has no one to make room from, so a third is refused
+    (tests/test_quota.py: a user holding several gives one up instead)."""
     server = ServerThread(server_config(demo_dir, tmp_path, max_connections=2)).start()
-    store = load_keystore(demo_dir / "MSG_CLI1.p12")
+    stores = [load_keystore(demo_dir / f"{uid}.p12") for uid in ("MSG_CLI1", "MSG_CLI2", "MSG_CLI3")]
 
     async def go():
-        ctx = client_context(store, store.ca_certificates())
-        held = [await asyncio.open_connection("127.0.0.1", server.port, ssl=ctx) for _ in range(2)]
+        held = [await asyncio.open_connection("127.0.0.1", server.port, ssl=client_context(s, s.ca_certificates()))
+                for s in stores[:2]]
         for r, w in held:
             w.write(encode_frame({"id": 1, "op": "queue"}))
             await r.read(1)  # handshake and session are established
         with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            ctx = client_context(stores[2], stores[2].ca_certificates())
             r3, w3 = await asyncio.open_connection("127.0.0.1", server.port, ssl=ctx)
             w3.write(encode_frame({"id": 1, "op": "queue"}))
             if not await asyncio.wait_for(r3.read(10), 5):

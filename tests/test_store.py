@@ -33,11 +33,15 @@ def test_batch_numbers_duplicates_and_retries(tmp_path):
     assert reopened.get_message("B", 2).msg_id == "2" * 32
     assert [e.num for e in reopened.list_unread("B", 0, 10)] == [1, 2]  # fetching alone marks nothing
     assert reopened.get_message("B", 2).read is False
-    assert reopened.mark_read("B", 2) is True
+    len_of_one = len(b"h") + len(b"x")
+    assert reopened.unread_usage("B") == (2, 2 * len_of_one)
+    assert reopened.mark_read("B", 2) == len_of_one
+    assert reopened.mark_read("B", 2) == 0  # already read: nothing more freed
+    assert reopened.unread_usage("B") == (1, len_of_one)
     assert [e.num for e in reopened.list_unread("B", 0, 10)] == [1]
     assert reopened.get_message("B", 2).read is True  # still retrievable after being read
     assert reopened.get_message("C", 2) is None
-    assert reopened.mark_read("C", 2) is False  # another user's number: nothing to mark
+    assert reopened.mark_read("C", 2) is None  # another user's number: nothing to mark
 
 
 def test_durability_settings(tmp_path):
