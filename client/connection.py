@@ -107,6 +107,10 @@ async def _refusal_on(reader: asyncio.StreamReader, timeout: float) -> ClientErr
     return ClientError("the relay closed the connection right after the handshake")
 
 
+# A bound on what a relay can make us hold, whatever its pages say (a relay's own --max-unread is 10 000).
+MAX_QUEUE_ENTRIES = 100_000
+
+
 def _consume(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()
@@ -334,6 +338,8 @@ class RelayClient:
                     raise ClientError("bad response from the relay: queue pages do not advance")
                 after = entry.num
             entries += page.entries
+            if len(entries) > MAX_QUEUE_ENTRIES:
+                raise ClientError(f"bad response from the relay: more than {MAX_QUEUE_ENTRIES} unread messages listed")
             if not page.more or not page.entries:
                 return entries
 

@@ -64,6 +64,18 @@ class ReadMessage:
     receipt: Receipt
 
 
+class CertificateRejected(VerificationError):
+    """A certificate from the directory failed validation; ``reason`` is pki's token (revoked, expired ...)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class RecipientRejected(ClientError):
+    """The recipient's certificate is revoked or expired: nothing can be sent to it."""
+
+
 class OtherDevice(ClientError):
     """The relay holds a newer key of ours that this state directory does not have."""
 
@@ -163,7 +175,14 @@ class Mailbox:
 
     async def recipient_key(self, uid: str) -> KeyRecord:
         """The recipient's key record, after validating its certificate now and the record's signature."""
-        cert, entry = await self.validated_certificate(uid, utc_now())
+        try:
+            cert, entry = await self.validated_certificate(uid, utc_now())
+        except CertificateRejected as exc:
+            if exc.reason in ("revoked", "expired"):
+                # The CA's verdict on the recipient, not a forgery: say whose certificate it is.
+                raise RecipientRejected(f"cannot send to {uid}: {uid}'s certificate is {exc.reason}: nothing sent") \
+                    from None
+            raise
         if entry.key is None:
             raise NoRecipientKey(f"{uid} has not published an encryption key yet (a key is published the first "
                                  f"time {uid} runs msg-client): nothing sent")
@@ -246,7 +265,7 @@ class Mailbox:
         try:
             identity = policy.validate(certs[0], pool, role=role, at=at)
         except ValidationError as exc:
-            raise VerificationError(f"sender certificate rejected: {exc}") from None
+            raise CertificateRejected(exc.reason, f"certificate of {uid} rejected: {exc}") from None
         if identity.uid != uid:
             raise VerificationError(f"directory certificate is for {identity.uid}, not {uid}")
         if fingerprint is not None and cert_fingerprint(certs[0]) != fingerprint:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import json
+import os
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -131,6 +132,7 @@ class SQLiteStore(MessageStore):
 
     def __init__(self, path: str) -> None:
         try:
+            _create_private(path)
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
@@ -236,6 +238,18 @@ class SQLiteStore(MessageStore):
 
     def close(self) -> None:
         self.db.close()
+
+
+def _create_private(path: str) -> None:
+    """The database (and its WAL and shared-memory files, which SQLite creates with the database's
+    mode) readable by the relay's user only: it holds who wrote to whom, and when."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot create the database ({exc.strerror})") from None
 
 
 def _receipt(text: str) -> Receipt:

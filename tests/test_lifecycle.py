@@ -203,3 +203,28 @@ def test_a_malformed_published_key_is_refused_by_the_relay_and_never_crashes_a_s
     finally:
         server.stop()
 
+
+
+def test_sending_to_a_revoked_recipient_names_the_recipient(tmp_path):
+    ca = private_pki(tmp_path, ("ANNA", "BEN"))
+    server = private_relay(tmp_path)
+    try:
+        assert private_client(server, tmp_path, "BEN", "askqueue").code == 0
+        ca.revoke(uid="BEN")
+        r = private_client(server, tmp_path, "ANNA", "send", "BEN", "s", stdin=b"b", with_crl=True)
+        assert r.code == 1
+        assert r.err.strip() == "msg-client: cannot send to BEN: BEN's certificate is revoked: nothing sent"
+    finally:
+        server.stop()
+
+
+def test_the_database_and_the_state_files_are_private(tmp_path):
+    private_pki(tmp_path, ("ANNA",))
+    server = private_relay(tmp_path)
+    try:
+        assert private_client(server, tmp_path, "ANNA", "askqueue").code == 0
+        for path in (*tmp_path.glob("relay.db*"), *(tmp_path / "st" / "ANNA").iterdir()):
+            assert path.stat().st_mode & 0o077 == 0, path
+        assert (tmp_path / "st" / "ANNA").stat().st_mode & 0o077 == 0
+    finally:
+        server.stop()
