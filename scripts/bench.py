@@ -4,9 +4,9 @@
 Starts the relay (``msg-server``) and a reference server (``bench_reference.py``: asyncio + stdlib
 ``ssl``, same certificates and TLS settings, only handshakes and echoes frames) on 127.0.0.1 with a
 demo PKI in a temporary directory, then measures handshakes, durable sends, latency at a fixed load,
-memory per idle connection and how costs grow with the store's size. Figures are reported as ratios
-to the reference because the machine is shared and noisy. Writes bench/results.json and
-bench/results.png.
+memory per idle connection, memory under clients that pipeline and never read, and how costs grow
+with the store's size. Figures are reported as ratios to the reference because the machine is shared
+and noisy. Writes bench/results.json and bench/results.png.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import platform
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,7 @@ from pki.keystore import Keystore, load_keystore  # noqa: E402
 from pki.tls import client_context  # noqa: E402
 from protocol.encoding import utc_now  # noqa: E402
 from protocol.envelope import InnerMessage, Sealed, seal, sign_submission  # noqa: E402
-from protocol.frames import FrameDecoder, encode_frame  # noqa: E402
+from protocol.frames import FrameDecoder, decode_payload, encode_frame  # noqa: E402
 from protocol.keyrecord import KeyRecord  # noqa: E402
 from protocol.messages import GetRequest, SendRequest, request_to_wire  # noqa: E402
 
@@ -83,6 +84,11 @@ class Proc:
                 return int(line.split()[1])
         return 0
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time so far: a server that has stopped working has stopped using it."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -91,12 +97,28 @@ class Proc:
             self.proc.kill()
 
 
-def start_relay(certs: Path, db: Path) -> Proc:
+def start_relay(certs: Path, db: Path, max_per_user: int | None = 5000) -> Proc:
+    """The relay on port 0, its connection caps raised for load; ``max_per_user=None`` keeps its default."""
     args = [sys.executable, "-m", "server.cli", "--p12", str(certs / "MSG_SERVER.p12"), "--crl",
             str(certs / "ca" / "crl.pem"), "--users-dir", str(certs), "--port", "0", "--db", str(db),
-            "--log-file", str(db.with_suffix(".audit.log")), "--max-connections", "5000", "--max-per-user", "5000",
-            "--max-handshakes", "512"]
-    return Proc(args)
+            "--log-file", str(db.with_suffix(".audit.log")), "--max-connections", "5000", "--max-handshakes", "512"]
+    if max_per_user is not None:
+        args += ["--max-per-user", str(max_per_user)]
+    return Proc(args + lifted_quotas())
+
+
+def lifted_quotas() -> list[str]:
+    """Per-user send and unread quotas set far above what the bench does, for the relays that have them.
+
+    The bench sends tens of thousands of messages from one user to another within a minute: with the
+    default quotas it would measure refusals, not the cost of a send. Each option is passed only if this
+    relay's CLI offers it, so the bench runs on relays from before and after the quotas.
+    """
+    from server.cli import build_parser
+
+    offered = build_parser().format_help()
+    wanted = {"--max-sends-per-minute": 10**9, "--max-unread": 10**9, "--max-unread-bytes": 1 << 50}
+    return [a for flag, v in wanted.items() if flag in offered for a in (flag, str(v))]
 
 
 def start_reference(certs: Path) -> Proc:
@@ -334,7 +356,158 @@ async def memory(world: World, relay: Proc, ref: Proc, n: int) -> dict[str, floa
     return out
 
 
-# ------------------------------------------------------------------------------------ 5 growth
+# ------------------------------------------------------------------------------------ 5 flood
+FLOOD_CLIENTS, FLOOD_GETS, FLOOD_ENVELOPE = 100, 3000, 6500
+FLOOD_DEADLINE_S = 120.0  # longest wait for the RSS to stop growing; the row reports if it did not
+
+
+class Silent(asyncio.Protocol):
+    """A client that reads one answer (proof that the relay admitted it) and then never reads again.
+
+    Reading is paused on the TLS transport, and its read buffer limit is zero, so after that first
+    answer asyncio stops taking bytes from the socket: what the server sends next fills the kernel's
+    buffers, then the server's, which is what the flood row measures. A StreamReader would keep reading
+    up to its own limit.
+    """
+
+    def __init__(self) -> None:
+        self.decoder = FrameDecoder()
+        self.first: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        for payload in self.decoder.feed(data):
+            if not self.first.done():
+                self.first.set_result(payload)
+                assert self.transport is not None
+                self.transport.pause_reading()
+                self.transport.set_read_buffer_limits(high=0)  # type: ignore[attr-defined]  # TLS transports have it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.first.done():
+            self.first.set_exception(ConnectionError(f"closed before the first answer: {exc}"))
+
+
+async def settled_rss(proc: Proc, deadline_s: float, still_s: float = 3.0, tolerance_kib: int = 256,
+                      cpu_tolerance_s: float = 0.1) -> tuple[int, float, bool]:
+    """The RSS once the server has stopped working: for ``still_s`` seconds its RSS has not risen by more
+    than ``tolerance_kib`` and it has used less than ``cpu_tolerance_s`` of CPU.
+
+    RSS alone is not enough: while the kernel's socket buffers (several MiB per connection on loopback)
+    absorb answers, the relay keeps answering with a flat RSS, and its own buffers fill only after. Returns
+    (peak RSS KiB, seconds waited, whether it settled before ``deadline_s``); the peak, so that a transient
+    high is not hidden by a later free.
+    """
+    start = time.monotonic()
+    peak = base = proc.rss_kib()
+    cpu = proc.cpu_seconds()
+    still_since = start
+    while time.monotonic() - start < deadline_s:
+        await asyncio.sleep(0.25)
+        now, cpu_now = proc.rss_kib(), proc.cpu_seconds()
+        peak = max(peak, now)
+        if now > base + tolerance_kib or cpu_now - cpu > cpu_tolerance_s:
+            still_since, base, cpu = time.monotonic(), now, cpu_now
+        elif time.monotonic() - still_since >= still_s:
+            return peak, time.monotonic() - start, True
+    return peak, time.monotonic() - start, False
+
+
+async def flood_one(world: World, proc: Proc, nums: dict[str, int], clients: int, gets: int,
+                    deadline_s: float) -> dict[str, Any]:
+    """``clients`` connections, spread round-robin over the users of ``nums``, each writing ``gets``
+    pipelined ``get`` frames for the message at that user's queue number and then never reading."""
+    loop = asyncio.get_running_loop()
+    probe = encode_frame({"v": 1, "id": 0, "op": "queue"})
+    users = sorted(nums)
+    held: list[asyncio.Transport] = []
+    sem = asyncio.Semaphore(16)
+
+    async def one(k: int) -> None:
+        uid = users[k % len(users)]
+        burst = b"".join(encode_frame(request_to_wire(GetRequest(i, nums[uid])))
+                         for i in range(1, gets + 1))
+        async with sem:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            # A small receive window, as a stalled phone would have. The relay's send buffer in the kernel
+            # still takes a few MiB per connection (loopback autotuning) before the relay's own buffers fill.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", proc.port))
+            ctx = client_context(world.stores[uid], world.anchors)
+            transport, protocol = await loop.create_connection(Silent, sock=sock, ssl=ctx,
+                                                               server_hostname="127.0.0.1")
+            held.append(transport)
+            transport.write(probe)
+            first = decode_payload(await asyncio.wait_for(protocol.first, 60))
+            # The relay answers the probe; the reference echoes it. Anything else is a refusal (per-user cap).
+            if first.get("ok") is not True and first.get("op") != "queue":
+                raise SystemExit(f"flood client {k} ({uid}) was not admitted: {first}")
+        transport.write(burst)  # never drained: the client side buffers what the server does not read
+
+    try:
+        await asyncio.gather(*(one(k) for k in range(clients)))
+        rss, waited, settled = await settled_rss(proc, deadline_s)
+    finally:
+        for t in held:
+            t.abort()  # no TLS goodbye: it would wait on a peer that we made stop reading
+    return {"rss_kib": rss, "settle_s": waited, "settled": settled}
+
+
+async def store_for_flood(world: World, relay: Proc, users: list[str]) -> dict[str, int]:
+    """One message with a ~6.5 KB envelope in each user's own mailbox (a ``get`` of it is a ~9 KB answer);
+    its queue number per user."""
+    nums = {}
+    for uid in users:
+        async with world.client(relay.port, uid) as c:
+            receipt = await c.send(uid, os.urandom(16).hex(), Sealed(2, os.urandom(200), os.urandom(FLOOD_ENVELOPE)))
+            nums[uid] = receipt.queue_number
+    return nums
+
+
+def flood(world: World, tmp: Path, clients: int, gets: int, deadline_s: float) -> dict[str, Any]:
+    """Relay RSS with ``clients`` pipelining, non-reading connections, against its idle RSS (goal: within 2×).
+
+    A fresh relay and a fresh reference are started for this row, so "idle" means started and enrolled
+    with no connection ever made, not the figure of a process that earlier rows have warmed up. The
+    clients are spread over the three demo users and the relay's per-user cap is raised to just what
+    that needs (34 for 100 clients), above the default, which is meant for people, not for this row.
+    """
+    users = [SENDER, RECIPIENT, BULK]
+    per_user = -(-clients // len(users))
+    db = tmp / "flood.db"
+    relay = start_relay(world.certs, db, max_per_user=per_user)
+    ref = start_reference(world.certs)
+    out: dict[str, Any] = {"clients": clients, "gets_per_client": gets, "envelope_bytes": FLOOD_ENVELOPE,
+                           "users": len(users), "max_per_user": per_user}
+    try:
+        time.sleep(1.0)  # let both finish start-up allocations before the idle sample
+        for name, proc in (("relay", relay), ("reference", ref)):
+            out[f"{name}_idle_mib"] = proc.rss_kib() / 1024
+        nums = asyncio.run(store_for_flood(world, relay, users))
+        out["relay_after_setup_mib"] = relay.rss_kib() / 1024
+        for name, proc in (("relay", relay), ("reference", ref)):
+            got = asyncio.run(flood_one(world, proc, nums, clients, gets, deadline_s))
+            out[f"{name}_flooded_mib"] = got["rss_kib"] / 1024
+            out[f"{name}_settle_s"] = got["settle_s"]
+            out[f"{name}_settled"] = got["settled"]
+            out[f"{name}_ratio"] = out[f"{name}_flooded_mib"] / out[f"{name}_idle_mib"]
+            out[f"{name}_kib_per_conn"] = (out[f"{name}_flooded_mib"] - out[f"{name}_idle_mib"]) * 1024 / clients
+            if name == "relay":  # how far the relay got before it stopped reading: bounded work, not only memory
+                log = db.with_suffix(".audit.log").read_text()
+                out["relay_gets_answered"] = sum(1 for line in log.splitlines() if '"op":"get"' in line)
+    finally:
+        relay.stop()
+        ref.stop()
+    out["goal_ratio"] = 2.0
+    return out
+
+
+# ------------------------------------------------------------------------------------ 6 growth
 def prefill(world: World, db: Path, total: int, unread_for_bulk: int) -> None:
     """Put ``total`` messages straight into the store (server stopped), ``unread_for_bulk`` of them
     queued for one user; receipts are signed with the server key as the relay would."""
@@ -387,6 +560,8 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="duration of each throughput run")
     p.add_argument("--quick", action="store_true", help="smaller figures for a smoke run")
     p.add_argument("--out", default=str(ROOT / "bench"))
+    p.add_argument("--only", choices=["flood"],
+                   help="run one row and print it; bench/results.json and the plot are left as they are")
     args = p.parse_args()
     secs = 1.0 if args.quick else args.seconds
     idle_conns = 200 if args.quick else 1000
@@ -403,7 +578,12 @@ def main() -> int:
     results: dict[str, Any] = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                                            "platform": platform.platform()},
                                "seconds_per_run": secs}
-    steps = 3 + 3 + 2 + 1 + 1 + 2 * len(growth)
+    if args.only == "flood":
+        results["flood"] = flood(world, tmp, FLOOD_CLIENTS, FLOOD_GETS, FLOOD_DEADLINE_S)
+        print(json.dumps(results["flood"], indent=2))
+        print(table([SUMMARY_HEADER, *flood_rows(results["flood"])]))
+        return 0
+    steps = 3 + 3 + 2 + 1 + 1 + 1 + 2 * len(growth)
     bar = Progress(steps)
     db = tmp / "relay.db"
     relay, ref = start_relay(certs, db), start_reference(certs)
@@ -423,6 +603,8 @@ def main() -> int:
         results["latency"] = asyncio.run(latency(world, relay, ref, 500.0, 2.0 if args.quick else 5.0))
         bar.step(f"memory with {idle_conns} idle connections")
         results["memory"] = asyncio.run(memory(world, relay, ref, idle_conns))
+        bar.step(f"memory with {FLOOD_CLIENTS} pipelining clients that never read")
+        results["flood"] = flood(world, tmp, FLOOD_CLIENTS, FLOOD_GETS, FLOOD_DEADLINE_S)
         relay.stop()
         baseline = results["sends_presealed"]["8"]["relay_per_s"]
         results["growth"] = {}
@@ -451,8 +633,20 @@ def main() -> int:
     return 0
 
 
+SUMMARY_HEADER = ("measure", "relay", "reference", "relay / reference")
+
+
+def flood_rows(f: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The flood row: here the last column is flooded / idle for the relay, the figure with a goal."""
+    late = "" if f["relay_settled"] and f["reference_settled"] else " (RSS still rising at the deadline)"
+    return [(f"RSS MiB idle -> {f['clients']} non-reading pipelining clients",
+             f"{f['relay_idle_mib']:.1f} -> {f['relay_flooded_mib']:.1f} ({f['relay_ratio']:.2f}x)",
+             f"{f['reference_idle_mib']:.1f} -> {f['reference_flooded_mib']:.1f} ({f['reference_ratio']:.2f}x) echo",
+             f"{f['relay_ratio']:.2f} flooded/idle (goal <= {f['goal_ratio']:.1f}){late}")]
+
+
 def summary(r: dict[str, Any]) -> str:
-    rows = [("measure", "relay", "reference", "relay / reference")]
+    rows: list[tuple[str, ...]] = [SUMMARY_HEADER]
     for c, v in r["handshakes"].items():
         rows.append((f"handshakes/s, {c} clients", f"{v['relay_per_s']:.0f}", f"{v['reference_per_s']:.0f}",
                      f"{v['ratio']:.2f}"))
@@ -470,6 +664,8 @@ def summary(r: dict[str, Any]) -> str:
     m = r["memory"]
     rows.append((f"KiB per idle connection ({m['connections']})", f"{m['relay_kib_per_conn']:.1f}",
                  f"{m['reference_kib_per_conn']:.1f}", f"{m['ratio']:.2f}"))
+    if "flood" in r:
+        rows += flood_rows(r["flood"])
     for stored, g in r["growth"].items():
         q = f", queue of 10k unread {g['queue_10k_unread_s']:.2f}s" if g["queue_10k_unread_s"] else ""
         rows.append((f"sends/s with {stored} stored (8 clients)", f"{g['sends_per_s']:.0f}",
@@ -486,7 +682,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     except ImportError:
         print("matplotlib not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
         return
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 4 if "flood" in r else 3, figsize=(20 if "flood" in r else 15, 4.5))
     labels = [f"hs {c}" for c in r["handshakes"]] + [f"send {c}" for c in r["sends_presealed"]] + \
              [f"seal+send {c}" for c in r["sends_sealing"]]
     ratios = [v["ratio"] for v in r["handshakes"].values()] + [v["ratio"] for v in r["sends_presealed"].values()] + \
@@ -507,6 +703,17 @@ def plot(r: dict[str, Any], path: Path) -> None:
                 color="#70ad47")
     axes[2].set_ylim(0, 1.2)
     axes[2].set_title("send throughput vs an empty store (ratio)")
+    if "flood" in r:
+        f = r["flood"]
+        names = ["relay", "reference"]
+        axes[3].bar([0, 1], [f[f"{n}_idle_mib"] for n in names], width=0.35, label="idle", color="#a5a5a5")
+        axes[3].bar([0.35, 1.35], [f[f"{n}_flooded_mib"] for n in names], width=0.35,
+                    label=f"{f['clients']} non-reading clients", color="#ed7d31")
+        axes[3].axhline(f["goal_ratio"] * f["relay_idle_mib"], color="grey", linestyle="--",
+                        label=f"goal: {f['goal_ratio']:.0f}x relay idle")
+        axes[3].set_xticks([0.175, 1.175], ["relay", "reference (echo)"])
+        axes[3].set_title("RSS (MiB), idle vs flooded")
+        axes[3].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

@@ -33,6 +33,7 @@ from .handlers import Handlers, PublishedCrls, UserRegistry
 from .session import Session
 from .store import AsyncStore, SQLiteStore
 from .tls_alerts import install as install_tls_alert_fix
+from .tls_buffers import install as install_tls_buffers
 
 log = logging.getLogger("msg_relay.server")
 CRL_WARN_EVERY = 3600.0  # seconds between warnings that the CRL is about to expire
@@ -44,6 +45,7 @@ class RelayServer:
     def __init__(self, config: ServerConfig, audit: AuditLog | None = None,
                  clock: Callable[[], dt.datetime] = utc_now) -> None:
         install_tls_alert_fix()  # refused clients get the TLS alert, not a bare EOF (gh-98078)
+        install_tls_buffers()  # 32 KiB instead of 256 KiB of read buffer per TLS connection
         self.config = config
         self.audit = audit or AuditLog(config.log_file)
         self.keystore = load_keystore(config.p12, config.passwords)

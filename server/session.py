@@ -34,16 +34,16 @@ from protocol.messages import (
 from protocol.receipts import Receipt
 
 from .handlers import Peer
+from .tls_buffers import limit_writes
 
 if TYPE_CHECKING:
     from .app import RelayServer
 
 log = logging.getLogger("msg_relay.server")
-READ_CHUNK = 65536
+READ_CHUNK = 16384  # at most this much read ahead of a peer's unanswered requests
 # Requests decoded ahead of their answers: enough for a group commit of pipelined sends, few enough
 # that a connection which never reads its answers holds only this many.
 BATCH = 32
-WRITE_BUFFER_HIGH = 64 * 1024
 
 
 def _take(decoder: FrameDecoder, limit: int) -> list[bytes]:
@@ -131,9 +131,7 @@ class Session:
             await self._send_and_close(error_response(None, ErrorCode.BUSY, "too many connections for this user"))
             return False
         self.peer = Peer(identity.uid, cert)
-        # asyncio lets 512 KiB of encrypted answers pile up per TLS connection before drain() waits;
-        # a peer that does not read should cost far less than that.
-        self.writer.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        limit_writes(self.writer.transport)  # a peer that does not read holds 64 KiB of answers, not 512
         await self.app.users.remember(identity.uid, cert.public_bytes(Encoding.DER))
         audit.event("connection_accepted", peer=self.addr, uid=identity.uid)
         return True

@@ -72,6 +72,10 @@ class MessageStore(abc.ABC):
         None when the user has no such message."""
 
     @abc.abstractmethod
+    def stored_digest(self, sender: str, msg_id: str) -> bytes | None:
+        """The ciphertext digest stored under ``(sender, msg_id)``: is a submission a retry?"""
+
+    @abc.abstractmethod
     def unread_usage(self, uid: str) -> tuple[int, int]:
         """How many messages, and how many bytes of ciphertext, wait unread for ``uid``."""
 
@@ -201,6 +205,10 @@ class SQLiteStore(MessageStore):
             return 0
         self.db.execute("UPDATE messages SET read=1 WHERE recipient=? AND num=?", (uid, num))
         return int(row[1])
+
+    def stored_digest(self, sender: str, msg_id: str) -> bytes | None:
+        row = self.db.execute("SELECT digest FROM messages WHERE sender=? AND msg_id=?", (sender, msg_id)).fetchone()
+        return bytes(row[0]) if row else None
 
     def unread_usage(self, uid: str) -> tuple[int, int]:
         row = self.db.execute("SELECT COUNT(*), COALESCE(SUM(length(header) + length(envelope)), 0) FROM messages"

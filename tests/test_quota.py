@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 
@@ -55,9 +56,29 @@ def test_a_full_queue_refuses_until_its_reader_reads(tmp_path):
         assert full.code == 1 and "queue of BEN is full" in full.err
         assert private_client(server, tmp_path, "BEN", "getmsg", "1").code == 0  # BEN reads one
         assert private_client(server, tmp_path, "ANNA", "send", "BEN", "room again", stdin=b"x").code == 0
-        # A retry of a stored message is not a new message: it does not count twice.
         out = asyncio.run(send_many(anna, server.port, "BEN", 1))
         assert out[0] is not None and out[0].code == "quota"
+    finally:
+        server.stop()
+
+
+def test_a_retry_of_a_stored_message_does_not_count_twice(tmp_path):
+    private_pki(tmp_path, ("ANNA", "BEN"))
+    server = private_relay(tmp_path, quota=QuotaConfig(max_unread=3))
+    anna = load_keystore(tmp_path / "ANNA.p12")
+
+    async def scenario() -> None:
+        async with RelayClient(anna, "127.0.0.1", server.port, anna.ca_certificates(), timeout=20) as c:
+            first = c.send_request("BEN", secrets.token_hex(16), sealed())
+            second = c.send_request("BEN", secrets.token_hex(16), sealed())
+            await c.pipeline([first, second])
+            again = await c.pipeline([dataclasses.replace(second, id=c.next_id()) for _ in range(3)])
+            assert not any(isinstance(r, Exception) for r in again)  # the first receipt, three times
+            third = await c.pipeline([c.send_request("BEN", secrets.token_hex(16), sealed())])
+            assert not isinstance(third[0], Exception)  # room for one more: the retries took none
+
+    try:
+        asyncio.run(scenario())
     finally:
         server.stop()
 

@@ -115,7 +115,15 @@ def test_a_crl_that_expires_while_running_refuses_everyone_and_says_why(tmp_path
             raise AssertionError(f"no {event} in the audit log")
 
         assert "msg-pki crl" in wait_for("crl_expiring")["reason"]  # three days ahead: a warning
+
+        async def ticks() -> None:
+            assert server.server is not None
+            for _ in range(5):
+                server.server.check_crl()
+
+        server.call(ticks())
         warnings = len([e for e in events(tmp_path) if e["event"] == "crl_expiring"])
+        assert warnings == 1  # hourly, not on every check
         clock.offset += dt.timedelta(days=4)  # past nextUpdate
         assert "CRL expired" in wait_for("crl_expired")["reason"]
         assert len([e for e in events(tmp_path) if e["event"] == "crl_expiring"]) == warnings  # hourly, not per tick

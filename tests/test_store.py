@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from protocol.envelope import Sealed
+from protocol.envelope import Sealed, ciphertext_digest
 from server.store import AsyncStore, DuplicateMessage, SQLiteStore, Submission
 
 
@@ -34,6 +34,8 @@ def test_batch_numbers_duplicates_and_retries(tmp_path):
     assert [e.num for e in reopened.list_unread("B", 0, 10)] == [1, 2]  # fetching alone marks nothing
     assert reopened.get_message("B", 2).read is False
     len_of_one = len(b"h") + len(b"x")
+    assert reopened.stored_digest("A", "2" * 32) == ciphertext_digest(Sealed(2, b"h", b"x"))
+    assert reopened.stored_digest("A", "9" * 32) is None
     assert reopened.unread_usage("B") == (2, 2 * len_of_one)
     assert reopened.mark_read("B", 2) == len_of_one
     assert reopened.mark_read("B", 2) == 0  # already read: nothing more freed
