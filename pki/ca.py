@@ -181,10 +181,11 @@ class CertificateAuthority:
         """The chain a leaf carries: intermediate, then root."""
         return [self.intermediate, self.root]
 
-    def active_entry(self, uid: str) -> dict[str, Any] | None:
+    def active_entry(self, uid: str, cn: str | None = None) -> dict[str, Any] | None:
+        """The valid (unrevoked, unexpired) certificate of ``uid``; with ``cn``, of that relay node."""
         now = _now().isoformat()
         return next((e for e in self.index if e["uid"] == uid and not e.get("revoked")
-                     and e["not_after"] > now), None)
+                     and e["not_after"] > now and (cn is None or e.get("cn", e["uid"]) == cn)), None)
 
     def issue(self, uid: str, *, cn: str | None = None, server: bool = False, dns_names: tuple[str, ...] = (),
               ip_addresses: tuple[str, ...] = (), key_type: str = DEFAULT_KEY_TYPE, days: int = 365,
@@ -204,7 +205,11 @@ class CertificateAuthority:
             raise PkiError(f"UID {uid} is reserved")
         if days <= 0:
             raise PkiError("--days must be positive")
-        if self.active_entry(uid):
+        if server and self.active_entry(uid, cn or uid):
+            # Several relay nodes share the UID MSG_SERVER, one certificate each, told apart by CN.
+            raise PkiError(f"relay node {cn or uid!r} already has a valid certificate: give another node "
+                           "--cn NAME, or revoke it first")
+        if not server and self.active_entry(uid):
             raise PkiError(f"UID {uid} already has a valid certificate; revoke it first")
         key = generate_key(key_type)
         request = LeafRequest(Subject(uid, cn or uid, self.org_unit), server=server, dns_names=tuple(dns_names),
@@ -217,7 +222,8 @@ class CertificateAuthority:
         if deliver is not None:
             deliver(store)
         entry = {
-            "serial": format(cert.serial_number, "x"), "uid": uid, "role": "server" if server else "client",
+            "serial": format(cert.serial_number, "x"), "uid": uid, "cn": cn or uid,
+            "role": "server" if server else "client",
             "not_after": cert.not_valid_after_utc.isoformat(), "issued": _now().isoformat(),
         }
         self.index.append(entry)
