@@ -63,7 +63,8 @@ commands:
 
 options:
   --p12 FILE, -user FILE keystore (default userdata.p12)
-  --server HOST:PORT     relay address (default 127.0.0.1:7777)
+  --server HOST:PORT     relay address (default 127.0.0.1:7777); HOST:PORT,HOST:PORT,... for the
+                         nodes of a cluster, tried in turn
   --ca FILE              trust anchor (default: the CA certificate bundled in the keystore)
   --crl FILE             CA's CRL for checking senders (default: the one the relay publishes)
   --no-crl               go on without revocation checks when no CRL is to be had
@@ -116,6 +117,11 @@ def printable_body(body: bytes) -> bytes:
     """The body as shown on a terminal: escape sequences and other controls made visible, so a
     message cannot drive the reader's terminal. Piped or redirected output stays byte-exact."""
     return visible(body.decode("utf-8", "replace"), keep="\n\t").encode()
+
+
+def parse_servers(text: str) -> list[tuple[str, int]]:
+    """``HOST:PORT[,HOST:PORT...]``: the nodes of one relay (a cluster), tried in turn."""
+    return [parse_server(part.strip()) for part in text.split(",")]
 
 
 def parse_server(text: str) -> tuple[str, int]:
@@ -200,7 +206,7 @@ async def _run(opts: argparse.Namespace) -> int:
     if not anchors:
         raise ClientError(f"{opts.p12} bundles no CA certificate: give --ca ROOT.pem")
     crls = load_crl_file(opts.crl) if opts.crl else []
-    host, port = parse_server(opts.server)
+    (host, port), *others = parse_servers(opts.server)
     ca = cert_fingerprint(anchors[0])
     state = ClientState(Path(opts.state_dir) if opts.state_dir else default_state_dir(store.uid, ca))
     state.bind(store.uid, ca)
@@ -217,7 +223,7 @@ async def _run(opts: argparse.Namespace) -> int:
         except ValueError as exc:
             raise ClientError(f"bad subject: {exc}") from None
         body = _read_body()
-    async with RelayClient(store, host, port, anchors, crls, timeout=opts.timeout) as client:
+    async with RelayClient(store, host, port, anchors, crls, timeout=opts.timeout, other_nodes=others) as client:
         mailbox = Mailbox(client, state, TrustPolicy(anchors, crls), opts.kem, require_crl=not opts.no_crl)
         await mailbox.policy()  # the newest CRL, and the relay's own certificate checked against it
         if opts.command == "rotate-key":

@@ -73,6 +73,11 @@ class ClientError(MsgRelayError):
     """A failure to show the user as one line."""
 
 
+class ConnectionLost(ClientError):
+    """The relay could not be reached, or the connection broke after it had answered: another node of
+    a cluster may do (a retried send keeps its msg_id, so it is never stored twice)."""
+
+
 class ServerRejected(ClientError):
     """The relay refused our certificate (surfaces on the first read under TLS 1.3)."""
 
@@ -119,9 +124,12 @@ def _consume(fut: asyncio.Future[Any]) -> None:
 class RelayClient:
     def __init__(self, keystore: Keystore, host: str, port: int, anchors: Sequence[x509.Certificate],
                  crls: Sequence[x509.CertificateRevocationList] = (), *, org_unit: str | None = DEFAULT_ORG_UNIT,
-                 max_frame: int = MAX_FRAME, timeout: float = 30.0) -> None:
+                 max_frame: int = MAX_FRAME, timeout: float = 30.0,
+                 other_nodes: Sequence[tuple[str, int]] = ()) -> None:
+        """``other_nodes``: further relay nodes of the same cluster, tried in turn when one is down."""
         self.keystore = keystore
         self.host, self.port = host, port
+        self.nodes = [(host, port), *other_nodes]
         self.anchors, self.crls = list(anchors), list(crls)
         self.org_unit = org_unit
         self.max_frame = self._default_max_frame = max_frame
@@ -151,6 +159,28 @@ class RelayClient:
         await self.close()
 
     async def connect(self) -> None:
+        """Connect to the first node that answers, starting with the current one."""
+        for _ in range(len(self.nodes) - 1):
+            try:
+                return await self._connect_one()
+            except ConnectionLost:
+                self._next_node()
+        await self._connect_one()
+
+    def _next_node(self) -> None:
+        i = self.nodes.index((self.host, self.port))
+        self.host, self.port = self.nodes[(i + 1) % len(self.nodes)]
+
+    async def failover(self) -> None:
+        """After a lost connection: the same client on the next node (fresh connection state)."""
+        await self.close()
+        self._broken = None
+        self._answered = False
+        self._decoder = FrameDecoder(self._default_max_frame)
+        self._next_node()
+        await self.connect()
+
+    async def _connect_one(self) -> None:
         try:
             self._reader, self._writer = await asyncio.wait_for(
                 asyncio.open_connection(self.host, self.port, ssl=self._ctx, server_hostname=self.host,
@@ -161,9 +191,10 @@ class RelayClient:
             raise (_rejection(exc) or ClientError(f"TLS handshake with {self.host}:{self.port} failed "
                                                   f"({exc.reason or exc})")) from None
         except (asyncio.TimeoutError, TimeoutError):
-            raise ClientError(f"relay at {self.host}:{self.port} did not answer in time") from None
+            raise ConnectionLost(f"relay at {self.host}:{self.port} did not answer in time") from None
         except OSError as exc:
-            raise ClientError(f"cannot reach the relay at {self.host}:{self.port} ({exc.strerror or exc})") from None
+            raise ConnectionLost(f"cannot reach the relay at {self.host}:{self.port} ({exc.strerror or exc})") \
+                from None
         assert self._writer is not None
         self._decoder.max_size = self.max_frame = self._default_max_frame
         try:
@@ -208,7 +239,7 @@ class RelayClient:
             # TLS 1.3: the server checks our certificate after our side of the handshake is done, so
             # its refusal (an alert, or just a close) arrives on our first read.
             return ServerRejected(f"the relay did not accept our certificate ({detail})")
-        return ClientError(f"connection to the relay lost ({detail})")
+        return ConnectionLost(f"connection to the relay lost ({detail})")
 
     def _fail_all(self, exc: ClientError) -> None:
         self._broken = self._broken or exc

@@ -41,7 +41,7 @@ from protocol.keyrecord import (
 from protocol.messages import DirectoryResult, QueueEntry, StoredMessage
 from protocol.receipts import Receipt
 
-from .connection import ClientError, RelayClient
+from .connection import ClientError, ConnectionLost, RelayClient
 from .crlcache import CrlCache, CrlOlder
 from .keys import Keyring, OwnKey
 from .state import ClientState
@@ -214,13 +214,26 @@ class Mailbox:
         msg_id = secrets.token_hex(16)
         inner = InnerMessage(self.uid, to, msg_id, utc_now(), subject, body)
         sealed = seal(inner, self.client.keystore.key, record)
-        receipt = await self.client.send(to, msg_id, sealed)
+        receipt = await self._submit(to, msg_id, sealed)
         await self._check_receipt(receipt)
         if (receipt.msg_id, receipt.sender, receipt.recipient, receipt.digest) != \
                 (msg_id, self.uid, to, ciphertext_digest(sealed)):
             raise VerificationError("receipt does not match the message sent")
         self.state.add_receipt(receipt)
         return receipt
+
+    async def _submit(self, to: str, msg_id: str, sealed: Sealed) -> Receipt:
+        """Submit, and after a lost connection submit the very same bytes under the same msg_id through
+        the next node: the relay's (sender, msg_id) idempotency returns the first receipt if the lost
+        answer was a stored message, so a failover never delivers twice."""
+        for _ in range(len(self.client.nodes) - 1):
+            try:
+                return await self.client.send(to, msg_id, sealed)
+            except ConnectionLost as exc:
+                log.info("send of %s lost (%s): trying the next node", msg_id, exc)
+                await self.client.failover()
+                self._check_relay(await self.policy())
+        return await self.client.send(to, msg_id, sealed)
 
     async def queue(self) -> list[QueueLine]:
         """Unread messages as ``askqueue`` shows them: the time from the relay's signed receipt, the
