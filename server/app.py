@@ -31,7 +31,7 @@ from .audit import AuditLog
 from .config import ServerConfig
 from .handlers import Handlers, PublishedCrls, UserRegistry
 from .session import Session
-from .store import AsyncStore, SQLiteStore
+from .store import AsyncStore, open_backend
 from .tls_alerts import install as install_tls_alert_fix
 from .tls_buffers import install as install_tls_buffers
 
@@ -62,16 +62,6 @@ class RelayServer:
         self._crl_stamp = self._crl_file_stamp()
         self._crl_warned: float | None = None
         self._load_trust(starting=True)
-        server_key = self.keystore.key
-        server_der = self.keystore.cert.public_bytes(Encoding.DER)
-        signer = cert_fingerprint(server_der)
-        self.store = AsyncStore(SQLiteStore(config.db), lambda receipt: receipt.signed_by(server_key, signer))
-        # Clients verify old receipts after the relay's certificate is renewed: keep every one it had.
-        self.store.store.add_certificate(MSG_SERVER, server_der)
-        self.users = UserRegistry(self.store)
-        self.handlers = Handlers(self.store, self.users, self.keystore.intermediates(),
-                                 self.published_crls, config.max_frame,
-                                 max_signature_size(server_key), config.quota)
         self._crl_task: asyncio.Task[None] | None = None
         self.stopping = False
         self._server: asyncio.base_events.Server | None = None
@@ -193,6 +183,19 @@ class RelayServer:
         return self._server.sockets[0].getsockname()[1]
 
     async def start(self) -> None:
+        """Open the store (SQLite, or PostgreSQL for ``--db postgresql://…``), enroll, listen."""
+        server_key = self.keystore.key
+        server_der = self.keystore.cert.public_bytes(Encoding.DER)
+        signer = cert_fingerprint(server_der)
+        self.store = AsyncStore(await open_backend(self.config.db),
+                                lambda receipt: receipt.signed_by(server_key, signer))
+        # Clients verify old receipts after the relay's certificate is renewed, and every node's receipts
+        # in a cluster: keep every certificate the relay signs with, findable by fingerprint.
+        await self.store.backend.add_certificate(MSG_SERVER, server_der)
+        self.users = UserRegistry(self.store)
+        self.handlers = Handlers(self.store, self.users, self.keystore.intermediates(),
+                                 self.published_crls, self.config.max_frame,
+                                 max_signature_size(server_key), self.config.quota)
         if self.config.users_dir:
             await self.enroll(Path(self.config.users_dir))
         self._server = await asyncio.start_server(self._accept, self.config.host, self.config.port,
@@ -320,6 +323,7 @@ class RelayServer:
             task.cancel()
         if self._sessions:
             await asyncio.wait(list(self._sessions), timeout=1)
-        await asyncio.get_running_loop().run_in_executor(None, self.store.close)
+        if hasattr(self, "store"):  # opened by start()
+            await self.store.close()
         self.audit.event("server_stopped")
         self.audit.close()

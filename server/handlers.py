@@ -101,7 +101,7 @@ class UserRegistry:
 
     async def remember(self, uid: str, cert_der: bytes) -> None:
         if self._certs.get(uid) != cert_der:
-            await self.store.call(self.store.store.upsert_user, uid, cert_der)
+            await self.store.backend.upsert_user(uid, cert_der)
             self._certs[uid] = cert_der
 
     async def known(self, uid: str) -> bool:
@@ -109,9 +109,9 @@ class UserRegistry:
 
     async def certificate(self, uid: str, fingerprint: bytes | None = None) -> bytes | None:
         if fingerprint is not None:
-            return await self.store.call(self.store.store.get_user, uid, fingerprint)
+            return await self.store.backend.get_user(uid, fingerprint)
         if uid not in self._certs:
-            cert = await self.store.call(self.store.store.get_user, uid)
+            cert = await self.store.backend.get_user(uid)
             if cert is None:
                 return None
             self._certs[uid] = cert
@@ -123,7 +123,7 @@ class Handlers:
                  crls: PublishedCrls, max_frame: int, receipt_signature_size: int,
                  quota: QuotaConfig = QuotaConfig()) -> None:
         self.store = store
-        self.quotas = Quotas(quota, lambda uid: store.call(store.store.unread_usage, uid))
+        self.quotas = Quotas(quota, store.backend.unread_usage)
         self.users = users
         self.intermediates_der = [c.public_bytes(Encoding.DER) for c in intermediates]
         self.crls = crls
@@ -173,7 +173,7 @@ class Handlers:
             self.quotas.take_send(peer.uid, req.id)
         except ProtocolError:
             # A retry of what is stored already (its answer was lost) adds nothing: it gets its receipt.
-            stored = await self.store.call(self.store.store.stored_digest, peer.uid, req.msg_id)
+            stored = await self.store.backend.stored_digest(peer.uid, req.msg_id)
             if stored != ciphertext_digest(sealed):
                 raise
         return submission
@@ -209,17 +209,17 @@ class Handlers:
         return SendResult(receipt)
 
     async def queue(self, req: QueueRequest, peer: Peer) -> Result:
-        entries = await self.store.call(self.store.store.list_unread, peer.uid, req.after, QUEUE_BATCH)
+        entries = await self.store.backend.list_unread(peer.uid, req.after, QUEUE_BATCH)
         return queue_page(entries, req.id, self.max_frame, exhausted=len(entries) < QUEUE_BATCH)
 
     async def get(self, req: GetRequest, peer: Peer) -> GetResult:
-        msg = await self.store.call(self.store.store.get_message, peer.uid, req.num)
+        msg = await self.store.backend.get_message(peer.uid, req.num)
         if msg is None:
             raise _unknown_message(req)
         return GetResult(msg)
 
     async def mark_read(self, req: MarkReadRequest, peer: Peer) -> MarkReadResult:
-        freed = await self.store.call(self.store.store.mark_read, peer.uid, req.num)
+        freed = await self.store.backend.mark_read(peer.uid, req.num)
         if freed is None:
             raise _unknown_message(req)
         if freed:
@@ -230,7 +230,7 @@ class Handlers:
         cert = await self.users.certificate(req.uid, req.fingerprint)
         if cert is None:
             raise ProtocolError(ErrorCode.UNKNOWN_USER, f"unknown user {req.uid}", req.id)
-        key = await self.store.call(self.store.store.get_key, req.uid)
+        key = await self.store.backend.get_key(req.uid)
         return DirectoryResult(req.uid, [cert, *self.intermediates_der], key)
 
     def crl_piece(self, req: CrlRequest) -> CrlResult:
@@ -246,7 +246,7 @@ class Handlers:
             record = parse_signed_record(req.record, req.signature, peer.uid, peer.public_key)
         except KeyRecordError as exc:
             raise ProtocolError(ErrorCode.BAD_SIGNATURE, f"key record refused: {exc}", req.id) from None
-        held = await self.store.call(self.store.store.get_key, peer.uid)
+        held = await self.store.backend.get_key(peer.uid)
         try:
             held_created = read_record(held.record).created if held is not None else None  # verified when stored
         except KeyRecordError:
@@ -255,7 +255,7 @@ class Handlers:
             # A replayed older record would roll the user's key back to one that may be compromised.
             raise ProtocolError(ErrorCode.BAD_REQUEST, "key record refused: older than the one published "
                                 f"({_iso(record.created)} < {_iso(held_created)})", req.id)
-        await self.store.call(self.store.store.put_key, peer.uid, KeyRecordWire(req.record, req.signature))
+        await self.store.backend.put_key(peer.uid, KeyRecordWire(req.record, req.signature))
         return PublishKeyResult()
 
 

@@ -15,7 +15,7 @@ import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar, Union
+from typing import Any, Protocol, TypeVar, Union
 
 from pki.errors import MsgRelayError
 from pki.identity import cert_fingerprint
@@ -264,24 +264,87 @@ def _receipt(text: str) -> Receipt:
     return Receipt.from_wire(Fields(json.loads(text)))
 
 
-class AsyncStore:
-    """Runs a :class:`MessageStore` on one dedicated thread, so disk syncs never block the event loop.
+class Backend(Protocol):
+    """The store as the relay's event loop uses it: :class:`MessageStore`'s operations, awaitable.
+    ``server.pgstore.PostgresStore`` is one natively; :class:`ThreadedStore` makes SQLite one."""
 
-    Sends are group-committed: while one commit is on its way to disk, new sends queue up and go
-    together in the next transaction. Each caller is answered only after its own commit returned.
+    async def add_messages(self, batch: list[Submission], sign: Callable[[Receipt], Receipt]) -> list[StoreOutcome]: ...
+    async def list_unread(self, uid: str, after: int, limit: int) -> list[QueueEntry]: ...
+    async def get_message(self, uid: str, num: int) -> StoredMessage | None: ...
+    async def mark_read(self, uid: str, num: int) -> int | None: ...
+    async def stored_digest(self, sender: str, msg_id: str) -> bytes | None: ...
+    async def unread_usage(self, uid: str) -> tuple[int, int]: ...
+    async def upsert_user(self, uid: str, cert_der: bytes) -> None: ...
+    async def add_certificate(self, uid: str, cert_der: bytes) -> None: ...
+    async def get_user(self, uid: str, fingerprint: bytes | None = None) -> bytes | None: ...
+    async def put_key(self, uid: str, key: KeyRecordWire) -> None: ...
+    async def get_key(self, uid: str) -> KeyRecordWire | None: ...
+    async def close(self) -> None: ...
+
+
+class ThreadedStore:
+    """A :class:`MessageStore` run on one dedicated thread, so disk syncs never block the event loop."""
+
+    def __init__(self, store: MessageStore) -> None:
+        self.store = store
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def add_messages(self, batch: list[Submission], sign: Callable[[Receipt], Receipt]) -> list[StoreOutcome]:
+        return await self._run(self.store.add_messages, batch, sign)
+
+    async def list_unread(self, uid: str, after: int, limit: int) -> list[QueueEntry]:
+        return await self._run(self.store.list_unread, uid, after, limit)
+
+    async def get_message(self, uid: str, num: int) -> StoredMessage | None:
+        return await self._run(self.store.get_message, uid, num)
+
+    async def mark_read(self, uid: str, num: int) -> int | None:
+        return await self._run(self.store.mark_read, uid, num)
+
+    async def stored_digest(self, sender: str, msg_id: str) -> bytes | None:
+        return await self._run(self.store.stored_digest, sender, msg_id)
+
+    async def unread_usage(self, uid: str) -> tuple[int, int]:
+        return await self._run(self.store.unread_usage, uid)
+
+    async def upsert_user(self, uid: str, cert_der: bytes) -> None:
+        await self._run(self.store.upsert_user, uid, cert_der)
+
+    async def add_certificate(self, uid: str, cert_der: bytes) -> None:
+        await self._run(self.store.add_certificate, uid, cert_der)
+
+    async def get_user(self, uid: str, fingerprint: bytes | None = None) -> bytes | None:
+        return await self._run(self.store.get_user, uid, fingerprint)
+
+    async def put_key(self, uid: str, key: KeyRecordWire) -> None:
+        await self._run(self.store.put_key, uid, key)
+
+    async def get_key(self, uid: str) -> KeyRecordWire | None:
+        return await self._run(self.store.get_key, uid)
+
+    async def close(self) -> None:
+        await self._run(self.store.close)
+        self._pool.shutdown(wait=True)
+
+
+class AsyncStore:
+    """The relay's store: a :class:`Backend`, with sends group-committed.
+
+    While one commit is on its way to disk, new sends queue up and go together in the next
+    transaction. Each caller is answered only after its own commit returned. Everything else goes to
+    ``backend`` directly.
     """
 
     MAX_BATCH = 256
 
-    def __init__(self, store: MessageStore, sign: Callable[[Receipt], Receipt]) -> None:
-        self.store = store
+    def __init__(self, backend: "Backend | MessageStore", sign: Callable[[Receipt], Receipt]) -> None:
+        self.backend: Backend = ThreadedStore(backend) if isinstance(backend, MessageStore) else backend
         self.sign = sign
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._queue: list[tuple[Submission, asyncio.Future[tuple[Receipt, bool]]]] = []
         self._flusher: asyncio.Task[None] | None = None
-
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def enqueue(self, submission: Submission) -> "asyncio.Future[tuple[Receipt, bool]]":
         """Queue a submission for the next group commit, at once (no await before it joins the queue):
@@ -301,7 +364,7 @@ class AsyncStore:
             while self._queue:
                 batch, self._queue = self._queue[:self.MAX_BATCH], self._queue[self.MAX_BATCH:]
                 try:
-                    outcomes = await self.call(self.store.add_messages, [b[0] for b in batch], self.sign)
+                    outcomes = await self.backend.add_messages([b[0] for b in batch], self.sign)
                 except Exception as exc:  # noqa: BLE001 - the whole commit failed: every caller learns it
                     for _, fut in batch:
                         if not fut.done():
@@ -317,9 +380,19 @@ class AsyncStore:
         finally:
             self._flusher = None
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        self.store.close()
+    async def close(self) -> None:
+        await self.backend.close()
 
 
-__all__ = ["AsyncStore", "DuplicateMessage", "MessageStore", "SQLiteStore", "StoreError", "Submission"]
+async def open_backend(db: str) -> Backend:
+    """``postgresql://…`` (or ``postgres://…``): the PostgreSQL store several relay nodes share;
+    anything else: a SQLite file, the embedded default that needs no other service."""
+    if db.startswith(("postgresql://", "postgres://")):
+        from .pgstore import connect  # only a relay on PostgreSQL loads its driver
+
+        return await connect(db)
+    return ThreadedStore(SQLiteStore(db))
+
+
+__all__ = ["AsyncStore", "Backend", "DuplicateMessage", "MessageStore", "SQLiteStore", "StoreError", "Submission",
+           "ThreadedStore"]

@@ -86,7 +86,7 @@ def test_group_commit_batches_concurrent_sends(tmp_path):
     results = asyncio.run(go())
     assert sorted(r[0].queue_number for r in results) == list(range(1, 201))
     assert sum(batches) == 200 and len(batches) < 200  # several sends share a commit
-    astore.close()
+    asyncio.run(astore.close())
 
 
 def test_failed_commit_fails_every_caller_of_the_batch(tmp_path):
@@ -103,4 +103,4 @@ def test_failed_commit_fails_every_caller_of_the_batch(tmp_path):
                                     return_exceptions=True)
 
     assert all(isinstance(r, sqlite3.OperationalError) for r in asyncio.run(go()))
-    astore.close()
+    asyncio.run(astore.close())
