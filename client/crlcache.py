@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from pki.errors import ValidationError
-from pki.validation import TrustPolicy, verify_crl_signature
+from pki.validation import trusted_crl
 from protocol.crls import crl_number, issuer_id
 from protocol.encoding import utc_now
 
@@ -37,7 +36,7 @@ class CrlCache:
     def __init__(self, state: ClientState, anchors: Sequence[x509.Certificate],
                  intermediates: Sequence[x509.Certificate] = ()) -> None:
         self.state = state
-        self._issuers = _trusted_issuers(anchors, intermediates)
+        self._anchors, self._intermediates = list(anchors), list(intermediates)
         self._held: dict[bytes, x509.CertificateRevocationList] = {}
         for text in state.load_doc(_DOC, {}).values():
             try:
@@ -61,8 +60,7 @@ class CrlCache:
             crl = x509.load_der_x509_crl(der)
         except ValueError:
             raise CrlRefused("the relay sent an unreadable CRL") from None
-        issuer = self._issuers.get(issuer_id(crl.issuer))
-        if issuer is None or not verify_crl_signature(crl, issuer):
+        if not trusted_crl(crl, self._anchors, self._intermediates):
             raise CrlRefused(f"CRL of {crl.issuer.rfc4514_string()} is not signed by a CA we trust")
         if crl.next_update_utc is not None and crl.next_update_utc <= utc_now():
             raise CrlRefused(f"CRL of {crl.issuer.rfc4514_string()} expired at {crl.next_update_utc:%Y-%m-%d %H:%M}Z")
@@ -86,16 +84,3 @@ class CrlCache:
                 continue
             self.offer(await client.fetch_crl(info))
 
-
-def _trusted_issuers(anchors: Sequence[x509.Certificate],
-                     intermediates: Sequence[x509.Certificate]) -> dict[bytes, x509.Certificate]:
-    """The CA certificates a CRL may be signed by: the anchors, and intermediates that chain to them."""
-    out = {issuer_id(a.subject): a for a in anchors}
-    policy = TrustPolicy(anchors, (), None)
-    for cert in intermediates:
-        try:
-            policy.path(cert)
-        except ValidationError:
-            continue
-        out.setdefault(issuer_id(cert.subject), cert)
-    return out

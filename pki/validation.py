@@ -224,6 +224,23 @@ class TrustPolicy:
         return check_profile(cert, role, self.org_unit)
 
 
+def trusted_crl(crl: x509.CertificateRevocationList, anchors: Sequence[x509.Certificate],
+                intermediates: Sequence[x509.Certificate] = ()) -> bool:
+    """Whether ``crl`` is signed by one of our trust anchors, or by an intermediate that chains to one:
+    the rule for a CRL that came from somewhere we do not trust (a relay, a shared database)."""
+    candidates = [a for a in anchors if a.subject == crl.issuer]
+    policy = TrustPolicy(anchors, (), None)
+    for cert in intermediates:
+        if cert.subject != crl.issuer:
+            continue
+        try:
+            policy.path(cert)
+        except ValidationError:
+            continue
+        candidates.append(cert)
+    return any(verify_crl_signature(crl, c) for c in candidates)
+
+
 def verify_crl_signature(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
     try:
         return crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
@@ -245,4 +262,5 @@ def validate(cert: x509.Certificate, untrusted: Sequence[x509.Certificate], anch
     return TrustPolicy(anchors, crls, org_unit).validate(cert, untrusted, role, at)
 
 
-__all__ = ["ROLES", "Role", "TrustPolicy", "check_algorithms", "check_profile", "crl_covers_anchors", "validate"]
+__all__ = ["ROLES", "Role", "TrustPolicy", "check_algorithms", "check_profile", "crl_covers_anchors", "trusted_crl",
+           "validate"]

@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -24,18 +25,38 @@ from pki.identity import MSG_SERVER, cert_fingerprint
 from pki.keys import max_signature_size
 from pki.keystore import load_keystore, open_keystore
 from pki.tls import server_context
-from pki.validation import TrustPolicy, check_profile
+from pki.validation import TrustPolicy, check_profile, trusted_crl
+from protocol.crls import crl_number, issuer_id
+from protocol.crls import describe as describe_crl
 from protocol.encoding import utc_now
 
 from .audit import AuditLog
 from .config import ServerConfig
 from .handlers import Handlers, PublishedCrls, UserRegistry
 from .session import Session
-from .store import AsyncStore, open_backend
+from .store import AsyncStore, is_shared, open_backend
 from .tls_alerts import install as install_tls_alert_fix
 from .tls_buffers import install as install_tls_buffers
 
 log = logging.getLogger("msg_relay.server")
+
+
+@runtime_checkable
+class SharedCrls(Protocol):
+    """A store several nodes share keeps the newest CRL of each CA (``server.pgstore``)."""
+
+    async def put_crl(self, issuer: bytes, number: int, der: bytes) -> bool: ...
+    async def get_crls(self) -> list[Any]: ...
+
+
+def newest_per_issuer(crls: list[x509.CertificateRevocationList]) -> list[x509.CertificateRevocationList]:
+    """One CRL per issuer, the highest numbered: a CRL file and a database may each hold one."""
+    best: dict[bytes, x509.CertificateRevocationList] = {}
+    for crl in crls:
+        key = issuer_id(crl.issuer)
+        if key not in best or crl_number(crl) > crl_number(best[key]):
+            best[key] = crl
+    return list(best.values())
 CRL_WARN_EVERY = 3600.0  # seconds between warnings that the CRL is about to expire
 
 
@@ -81,6 +102,9 @@ class RelayServer:
         crls = load_crl_file(self.config.crl) if self.config.crl else []
         if not crls and not self.config.no_crl:
             raise PkiError(f"{self.config.crl}: holds no CRL")
+        self._apply_crls(newest_per_issuer([*crls, *getattr(self, "crls", [])]), starting)
+
+    def _apply_crls(self, crls: list[x509.CertificateRevocationList], starting: bool = False) -> None:
         now = self.clock()
         stale = [c for c in crls if c.next_update_utc is not None and c.next_update_utc <= now]
         expired = None
@@ -97,6 +121,7 @@ class RelayServer:
         if expired and not self.crl_expired:
             self.audit.event("crl_expired", reason=expired)
         self.crl_expired = expired
+        self.crls = crls
         self.published_crls = PublishedCrls.of(crls)  # served as the CA signed them, even when stale
 
     def _crl_file_stamp(self) -> tuple[int, int] | None:
@@ -174,8 +199,34 @@ class RelayServer:
             await asyncio.sleep(self.config.crl_check_interval)
             try:
                 self.check_crl()
+                await self.share_crls()
             except Exception:  # noqa: BLE001 - the watch must outlive one bad tick; the next one retries
                 log.exception("CRL check failed")
+
+    async def share_crls(self) -> None:
+        """Several nodes on one database: each puts the CRLs it holds there, and takes any newer one
+        another node put (after checking it is signed by our CA): a revocation known to one node acts
+        on all within one tick."""
+        backend = self.store.backend
+        if not isinstance(backend, SharedCrls):
+            return
+        for crl in self.crls:
+            info, der = describe_crl(crl)
+            await backend.put_crl(info.issuer, info.number, der)
+        held = {issuer_id(c.issuer): crl_number(c) for c in self.crls}
+        newer = [x509.load_der_x509_crl(stored.der) for stored in await backend.get_crls()
+                 if stored.number > held.get(stored.issuer, -1)]
+        newer = [c for c in newer if trusted_crl(c, self.anchors, self.keystore.intermediates())]
+        if not newer:
+            return
+        try:
+            self._apply_crls(newest_per_issuer([*self.crls, *newer]))
+        except PkiError as exc:
+            self.audit.event("crl_reload_failed", reason=str(exc))
+            return
+        self.handlers.crls = self.published_crls
+        self.audit.event("crl_reloaded", trigger="another node", crls=len(self.policy.crls))
+        self._drop_revoked()
 
     @property
     def port(self) -> int:
@@ -192,10 +243,10 @@ class RelayServer:
         # Clients verify old receipts after the relay's certificate is renewed, and every node's receipts
         # in a cluster: keep every certificate the relay signs with, findable by fingerprint.
         await self.store.backend.add_certificate(MSG_SERVER, server_der)
-        self.users = UserRegistry(self.store)
+        self.users = UserRegistry(self.store, shared=is_shared(self.config.db))
         self.handlers = Handlers(self.store, self.users, self.keystore.intermediates(),
                                  self.published_crls, self.config.max_frame,
-                                 max_signature_size(server_key), self.config.quota)
+                                 max_signature_size(server_key), self.config.quota, shared=self.users.shared)
         if self.config.users_dir:
             await self.enroll(Path(self.config.users_dir))
         self._server = await asyncio.start_server(self._accept, self.config.host, self.config.port,

@@ -69,6 +69,7 @@ class PublishedCrls:
 # Rows fetched per queue page: more than a frame can carry of even the smallest entries, fewer than
 # would make every page re-read hundreds of rows it cannot send.
 QUEUE_BATCH = 64
+QUOTA_RESEED = 5.0  # seconds: how stale one node's view of a shared queue's size may be
 
 
 @dataclass(frozen=True)
@@ -91,39 +92,44 @@ class Peer:
 class UserRegistry:
     """Who may receive messages, with the certificate each last connected with.
 
-    Cached in memory so that neither a handshake nor a send touches the database for what it already
-    knows; a miss asks the store (another relay node sharing the database may have enrolled the user).
+    A user, once known, stays known: that is cached, so a send does not touch the database for it.
+    The current certificate is cached only when this relay is the store's only writer (SQLite); on a
+    shared database another node may record a renewal at any moment, so it is read each time.
     """
 
-    def __init__(self, store: AsyncStore) -> None:
+    def __init__(self, store: AsyncStore, shared: bool = False) -> None:
         self.store = store
-        self._certs: dict[str, bytes] = {}
+        self.shared = shared
+        self._certs: dict[str, bytes] = {}  # the last certificate this node saw or recorded
+        self._known: set[str] = set()
 
     async def remember(self, uid: str, cert_der: bytes) -> None:
-        if self._certs.get(uid) != cert_der:
+        if self.shared or self._certs.get(uid) != cert_der:
             await self.store.backend.upsert_user(uid, cert_der)
             self._certs[uid] = cert_der
+        self._known.add(uid)
 
     async def known(self, uid: str) -> bool:
-        return await self.certificate(uid) is not None
+        return uid in self._known or await self.certificate(uid) is not None
 
     async def certificate(self, uid: str, fingerprint: bytes | None = None) -> bytes | None:
         if fingerprint is not None:
             return await self.store.backend.get_user(uid, fingerprint)
-        if uid not in self._certs:
+        if self.shared or uid not in self._certs:
             cert = await self.store.backend.get_user(uid)
             if cert is None:
                 return None
             self._certs[uid] = cert
+            self._known.add(uid)
         return self._certs[uid]
 
 
 class Handlers:
     def __init__(self, store: AsyncStore, users: "UserRegistry", intermediates: list[x509.Certificate],
                  crls: PublishedCrls, max_frame: int, receipt_signature_size: int,
-                 quota: QuotaConfig = QuotaConfig()) -> None:
+                 quota: QuotaConfig = QuotaConfig(), shared: bool = False) -> None:
         self.store = store
-        self.quotas = Quotas(quota, store.backend.unread_usage)
+        self.quotas = Quotas(quota, store.backend.unread_usage, reseed_after=QUOTA_RESEED if shared else None)
         self.users = users
         self.intermediates_der = [c.public_bytes(Encoding.DER) for c in intermediates]
         self.crls = crls

@@ -33,6 +33,7 @@ class _Bucket:
 class _Queue:
     count: int
     size: int
+    seeded: float  # when the counts were read from the store
 
 
 @dataclass
@@ -40,6 +41,9 @@ class Quotas:
     config: QuotaConfig
     usage_of: Callable[[str], Awaitable[tuple[int, int]]]  # the store's (unread count, bytes) of a queue
     clock: Callable[[], float] = time.monotonic
+    # On a database several nodes share, the others store and read too: counts older than this are
+    # read again, so each node's view of a queue is at most this stale (None: never, one writer).
+    reseed_after: float | None = None
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
     _queues: dict[str, _Queue] = field(default_factory=dict)
 
@@ -67,9 +71,11 @@ class Quotas:
 
     async def _queue(self, uid: str) -> _Queue:
         queue = self._queues.get(uid)
-        if queue is None:
+        stale = queue is not None and self.reseed_after is not None and \
+            self.clock() - queue.seeded > self.reseed_after
+        if queue is None or stale:
             count, size = await self.usage_of(uid)
-            queue = self._queues.setdefault(uid, _Queue(count, size))
+            queue = self._queues[uid] = _Queue(count, size, self.clock())
         return queue
 
     def stored(self, recipient: str, size: int) -> None:

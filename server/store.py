@@ -384,10 +384,15 @@ class AsyncStore:
         await self.backend.close()
 
 
+def is_shared(db: str) -> bool:
+    """``postgresql://…`` (or ``postgres://…``) names a database several relay nodes share."""
+    return db.startswith(("postgresql://", "postgres://"))
+
+
 async def open_backend(db: str) -> Backend:
-    """``postgresql://…`` (or ``postgres://…``): the PostgreSQL store several relay nodes share;
-    anything else: a SQLite file, the embedded default that needs no other service."""
-    if db.startswith(("postgresql://", "postgres://")):
+    """The PostgreSQL store several relay nodes share, or a SQLite file (the embedded default that
+    needs no other service)."""
+    if is_shared(db):
         from .pgstore import connect  # only a relay on PostgreSQL loads its driver
 
         return await connect(db)
