@@ -9,7 +9,7 @@ PORT   ?= 7777
 SCAN   := .venv-scan
 SCAN_STAMP := $(SCAN)/.installed
 
-.PHONY: install pki test test-all lint run-server demo bench clean
+.PHONY: install pki test test-all lint run-server run-cluster demo bench clean
 
 install: $(STAMP)
 
@@ -52,6 +52,10 @@ lint: $(STAMP)
 
 run-server: $(STAMP) $(CERTS)/MSG_SERVER.p12
 	$(BIN)/msg-server --p12 $(CERTS)/MSG_SERVER.p12 --crl $(CERTS)/ca/crl.pem --users-dir $(CERTS) --port $(PORT)
+
+# Two nodes (7777, 7778) on one PostgreSQL database: PG_DSN=postgresql://USER@HOST:PORT/DB (default: local msg_relay).
+run-cluster: $(STAMP) $(CERTS)/MSG_SERVER.p12
+	$(BIN)/python scripts/cluster.py
 
 demo: run-server
 

@@ -18,6 +18,7 @@ from .app import RelayServer
 from .audit import AuditLog
 from .config import DEFAULT_PORT, ServerConfig
 from .quota import QuotaConfig
+from .store import migrate
 
 NO_CRL_WARNING = "msg-server: warning: --no-crl: revoked client certificates will be accepted"
 
@@ -41,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warn this many days before the CRL expires (default: %(default)s)")
     p.add_argument("--host", default=d.host, help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (default: %(default)s)")
-    p.add_argument("--db", default=d.db, help="SQLite database (default: %(default)s)")
+    p.add_argument("--db", default=d.db, help="SQLite database file, or postgresql://USER@HOST:PORT/DB for a "
+                   "database several relay nodes share (default: %(default)s)")
+    p.add_argument("--migrate-only", action="store_true",
+                   help="bring the database's schema up to date, print its version and exit (default: off)")
     p.add_argument("--log-file", help="audit log file, JSON lines (default: stderr)")
     p.add_argument("--users-dir",
                    help="enroll the users whose certificates or keystores lie in this directory (default: none; "
@@ -108,6 +112,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.migrate_only:
+        try:
+            version = asyncio.run(migrate(args.db))
+        except MsgRelayError as exc:
+            print(f"msg-server: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"msg-server: {args.db}: schema version {version}")
+        return 0
     refusal = _refusal(args)
     if refusal is not None:
         print(f"msg-server: error: {refusal}", file=sys.stderr)

@@ -214,6 +214,11 @@ class PostgresStore:
         exists = await self._pool.fetchval("SELECT true FROM messages WHERE recipient=$1 AND num=$2", uid, num)
         return 0 if exists else None
 
+    async def stored_digest(self, sender: str, msg_id: str) -> bytes | None:
+        """The digest stored under ``(sender, msg_id)``: is a submission a retry of a stored one?"""
+        digest = await self._pool.fetchval("SELECT digest FROM messages WHERE sender=$1 AND msg_id=$2", sender, msg_id)
+        return bytes(digest) if digest is not None else None
+
     async def unread_usage(self, uid: str) -> tuple[int, int]:
         """How many messages, and how many bytes of ciphertext (header and envelope), wait unread."""
         r = await self._pool.fetchrow(

@@ -399,5 +399,15 @@ async def open_backend(db: str) -> Backend:
     return ThreadedStore(SQLiteStore(db))
 
 
+async def migrate(db: str) -> int:
+    """Bring ``db``'s schema up to date (what every relay does at start); its schema version."""
+    if is_shared(db):
+        from .pgstore import migrate_only
+
+        return await migrate_only(db)
+    SQLiteStore(db).close()
+    return SCHEMA_VERSION
+
+
 __all__ = ["AsyncStore", "Backend", "DuplicateMessage", "MessageStore", "SQLiteStore", "StoreError", "Submission",
            "ThreadedStore"]

@@ -59,3 +59,20 @@ def user(demo_dir: Path, tmp_path: Path):
         return demo_dir / f"{uid}.p12", tmp_path / "state" / uid
 
     return make
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """This run's own PostgreSQL database (dropped at the end); skips, or fails under
+    MSG_RELAY_REQUIRE_PG=1, when no server is reachable."""
+    from .pg import create_test_database, drop_test_database
+
+    db = create_test_database()
+    yield db
+    drop_test_database(db)
+
+
+@pytest.fixture()
+def pg_dsn(pg_database) -> str:
+    """A DSN on an empty schema of the run's database: to the store, a fresh database."""
+    return pg_database.fresh_schema()
