@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import asyncpg
 import pytest
 from cryptography import x509
 
@@ -46,11 +47,11 @@ DEADLINE = 60.0  # seconds; only a relay that never comes back or never serves w
 class RelayProcess:
     """``msg-server`` as a child process on a free port (port 0), restartable."""
 
-    def __init__(self, demo_dir: Path, tmp: Path) -> None:
+    def __init__(self, demo_dir: Path, tmp: Path, db: str | None = None) -> None:
         self.args = [sys.executable, "-m", "server.cli", "--p12", str(demo_dir / "MSG_SERVER.p12"),
                      "--crl", str(demo_dir / "ca" / "crl.pem"), "--users-dir", str(demo_dir),
-                     "--host", "127.0.0.1", "--port", "0", "--db", str(tmp / "relay.db"),
-                     "--log-file", str(tmp / "audit.log")]
+                     "--host", "127.0.0.1", "--port", "0", "--db", db or str(tmp / "relay.db"),
+                     "--log-file", str(tmp / "audit.log"), "--max-sends-per-minute", "100000"]
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
 
@@ -72,9 +73,34 @@ class RelayProcess:
         return self.proc.wait(20)
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request, tmp_path) -> str:
+    """The store under test: the same crash test for both (a PostgreSQL DSN on a fresh schema)."""
+    return str(tmp_path / "relay.db") if request.param == "sqlite" else request.getfixturevalue("pg_dsn")
+
+
+def stored_rows(db: str) -> list[tuple]:
+    """(num, sender, msg_id, envelope_version, header, envelope) of the recipient's messages, after
+    checking the database's own consistency where it has a check."""
+    if db.startswith("postgresql://"):
+        async def fetch() -> list[tuple]:
+            conn = await asyncpg.connect(db)
+            try:
+                rows = await conn.fetch("SELECT num, sender, msg_id, envelope_version, header, envelope FROM messages"
+                                        " WHERE recipient=$1", RECIPIENT)
+            finally:
+                await conn.close()
+            return [tuple(r) for r in rows]
+        return asyncio.run(fetch())
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    return conn.execute("SELECT num, sender, msg_id, envelope_version, header, envelope FROM messages "
+                        "WHERE recipient=?", (RECIPIENT,)).fetchall()
+
+
 @pytest.mark.slow
-def test_sigkill_loses_no_acknowledged_message(demo_dir, tmp_path):
-    relay = RelayProcess(demo_dir, tmp_path)
+def test_sigkill_loses_no_acknowledged_message(demo_dir, tmp_path, db):
+    relay = RelayProcess(demo_dir, tmp_path, db)
     relay.start()
     stores = {u: load_keystore(demo_dir / f"{u}.p12") for u in (*SENDERS, RECIPIENT)}
     anchors = stores[RECIPIENT].ca_certificates()
@@ -156,10 +182,7 @@ def test_sigkill_loses_no_acknowledged_message(demo_dir, tmp_path):
     assert retries >= KILLS  # every kill interrupted sends in flight
     total = len(receipts)
     assert total == len(sealed_by_id) and total > 100
-    db = sqlite3.connect(tmp_path / "relay.db")
-    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    rows = db.execute("SELECT num, sender, msg_id, envelope_version, header, envelope FROM messages "
-                      "WHERE recipient=?", (RECIPIENT,)).fetchall()
+    rows = stored_rows(db)
     assert len(rows) == total  # nothing duplicated, nothing lost
     assert sorted(r[0] for r in rows) == list(range(1, total + 1))
     by_num = {r[0]: r for r in rows}
