@@ -1,27 +1,13 @@
 """``python msg_client.py -user X.p12 askqueue``: the original service's entry point, now ``msg-client``."""
 
-import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-VENV = ROOT / ".venv"
-_GUARD = "MSG_RELAY_VENV_REEXEC"  # set across the exec, so a virtualenv that is not what it seems cannot loop
-
-
-def use_project_venv() -> None:
-    """Re-run this script under the project's ``.venv``, which holds the dependencies, so that
-    ``python msg_client.py ...`` works from a plain shell, without activating it first."""
-    if os.environ.pop(_GUARD, None) or Path(sys.prefix).resolve() == VENV.resolve():
-        return
-    python = VENV / "bin" / "python"
-    if python.exists():
-        os.environ[_GUARD] = "1"
-        os.execv(python, [str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
-
-
 if __name__ == "__main__":
-    use_project_venv()
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+    from project_venv import use_project_venv
+
+    use_project_venv(__file__)
 
 try:
     from client.cli import main

@@ -217,6 +217,8 @@ def test_shims_run_under_the_project_venv_from_a_plain_python(script: str, args:
 def test_shims_without_venv_or_packages_say_run_make_install(script: str, missing: str, tmp_path: Path) -> None:
     (tmp_path / script).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / script, tmp_path / script)  # a checkout with neither .venv nor the packages
+    (tmp_path / "scripts").mkdir(exist_ok=True)
+    shutil.copy(ROOT / "scripts" / "project_venv.py", tmp_path / "scripts" / "project_venv.py")
     res = subprocess.run([BASE_PYTHON, script, "help"], cwd=tmp_path, env=_plain_env(), capture_output=True,
                          text=True, timeout=60)
     name = Path(script).name
