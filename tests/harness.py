@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import signal
 import ssl
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -18,6 +20,8 @@ from protocol.frames import FrameDecoder, decode_payload
 from server.app import RelayServer
 from server.audit import AuditLog
 from server.config import ServerConfig
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class ServerThread:
@@ -189,3 +193,38 @@ def private_client(server: ServerThread, directory: Path, uid: str, *args: str, 
     extra = ["--crl", str(directory / "ca" / "crl.pem")] if with_crl else []
     return run_client(server, directory / f"{uid}.p12", *args, stdin=stdin, state=directory / "st" / uid,
                       extra=extra)
+
+
+class RelayProcess:
+    """``msg-server`` as a child process on 127.0.0.1, killable and restartable on the same port."""
+
+    def __init__(self, pki_dir: Path, tmp: Path, *, p12: Path | None = None, db: str | None = None,
+                 name: str = "relay") -> None:
+        self.args = [sys.executable, "-m", "server.cli", "--p12", str(p12 or pki_dir / "MSG_SERVER.p12"),
+                     "--crl", str(pki_dir / "ca" / "crl.pem"), "--users-dir", str(pki_dir),
+                     "--host", "127.0.0.1", "--port", "0", "--db", db or str(tmp / f"{name}.db"),
+                     "--log-file", str(tmp / f"audit-{name}.log"), "--max-sends-per-minute", "100000"]
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stderr is not None
+        line = self.proc.stderr.readline()
+        assert "listening on" in line, line
+        self.port = int(line.rsplit(":", 1)[1])
+        self.args[self.args.index("--port") + 1] = str(self.port)  # a restart comes back where clients look
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(20)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)

@@ -10,10 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import asyncpg
@@ -29,7 +25,7 @@ from protocol.encoding import utc_now
 from protocol.envelope import InnerMessage, Sealed, ciphertext_digest, seal
 from protocol.receipts import Receipt
 
-from .harness import private_pki, run_client
+from .harness import RelayProcess, private_pki, run_client
 
 ROOT = Path(__file__).resolve().parent.parent
 SENDERS = ("ANNA", "CARL")
@@ -39,49 +35,12 @@ SENDS_PER_LIFE = 20
 DEADLINE = 60.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Node:
-    """``msg-server`` on a fixed port of 127.0.0.1, on the shared database; killable and restartable."""
-
-    def __init__(self, tmp: Path, p12: Path, dsn: str, name: str) -> None:
-        self.port = free_port()
-        self.args = [sys.executable, "-m", "server.cli", "--p12", str(p12), "--crl", str(tmp / "ca" / "crl.pem"),
-                     "--users-dir", str(tmp), "--host", "127.0.0.1", "--port", str(self.port), "--db", dsn,
-                     "--log-file", str(tmp / f"audit-{name}.log"), "--max-sends-per-minute", "100000"]
-        self.proc: subprocess.Popen[str] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(self.args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-        assert self.proc.stderr is not None
-        line = self.proc.stderr.readline()
-        assert "listening on" in line, line
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(20)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
-
-
 @pytest.fixture()
 def cluster(tmp_path, pg_dsn):
     ca = private_pki(tmp_path, (*SENDERS, RECIPIENT))
     save_keystore(tmp_path / "node-b.p12", ca.issue("MSG_SERVER", server=True, cn="node-b"), None)
-    a = Node(tmp_path, tmp_path / "MSG_SERVER.p12", pg_dsn, "a")
-    b = Node(tmp_path, tmp_path / "node-b.p12", pg_dsn, "b")
+    a = RelayProcess(tmp_path, tmp_path, db=pg_dsn, name="a")
+    b = RelayProcess(tmp_path, tmp_path, p12=tmp_path / "node-b.p12", db=pg_dsn, name="b")
     a.start()
     b.start()
     yield a, b
@@ -136,7 +95,7 @@ def test_killing_a_node_loses_and_duplicates_nothing(cluster, tmp_path, pg_dsn):
     asyncio.run(publish())
     receipted = asyncio.Event()
 
-    async def sender_task(sender: str, first: Node, second: Node, done: asyncio.Event) -> None:
+    async def sender_task(sender: str, first: RelayProcess, second: RelayProcess, done: asyncio.Event) -> None:
         nonlocal failovers, receipted_while_a_down
         loop = asyncio.get_running_loop()
 
@@ -225,7 +184,7 @@ def test_killing_a_node_loses_and_duplicates_nothing(cluster, tmp_path, pg_dsn):
 
 
 def test_a_revocation_known_to_one_node_acts_on_both(cluster, tmp_path):
-    """Node B's CRL file is never touched: the CRL reaches it through the database."""
+    """RelayProcess B's CRL file is never touched: the CRL reaches it through the database."""
     a, b = cluster
     assert private_client_at(b, tmp_path, "ANNA", "askqueue").code == 0
     ca_dir = tmp_path / "ca"
@@ -240,11 +199,11 @@ def test_a_revocation_known_to_one_node_acts_on_both(cluster, tmp_path):
     assert deadline < 10.0
 
 
-def private_client_at(node: Node, tmp_path: Path, uid: str, *args: str):
+def private_client_at(node: RelayProcess, tmp_path: Path, uid: str, *args: str):
     return run_client(f"127.0.0.1:{node.port}", tmp_path / f"{uid}.p12", *args, state=tmp_path / "st" / uid)
 
 
-async def _until_refused(node: Node, tmp_path: Path) -> float:
+async def _until_refused(node: RelayProcess, tmp_path: Path) -> float:
     """Seconds until ``node`` refuses ANNA (within the deadline)."""
     loop = asyncio.get_running_loop()
     start = loop.time()

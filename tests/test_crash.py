@@ -13,8 +13,6 @@ import os
 import random
 import signal
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import asyncpg
@@ -35,6 +33,8 @@ from protocol.envelope import (
 )
 from protocol.receipts import Receipt
 
+from .harness import RelayProcess
+
 ROOT = Path(__file__).resolve().parent.parent
 SENDERS = ("MSG_CLI1", "MSG_CLI3")
 RECIPIENT = "MSG_CLI2"
@@ -42,35 +42,6 @@ CLIENTS_PER_SENDER = 2
 KILLS = 5
 SENDS_PER_LIFE = 25  # receipts each relay instance gives before it may be killed: KILLS+1 lives, > 100 in all
 DEADLINE = 60.0  # seconds; only a relay that never comes back or never serves waits this long
-
-
-class RelayProcess:
-    """``msg-server`` as a child process on a free port (port 0), restartable."""
-
-    def __init__(self, demo_dir: Path, tmp: Path, db: str | None = None) -> None:
-        self.args = [sys.executable, "-m", "server.cli", "--p12", str(demo_dir / "MSG_SERVER.p12"),
-                     "--crl", str(demo_dir / "ca" / "crl.pem"), "--users-dir", str(demo_dir),
-                     "--host", "127.0.0.1", "--port", "0", "--db", db or str(tmp / "relay.db"),
-                     "--log-file", str(tmp / "audit.log"), "--max-sends-per-minute", "100000"]
-        self.proc: subprocess.Popen[str] | None = None
-        self.port = 0
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(self.args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-        assert self.proc.stderr is not None
-        line = self.proc.stderr.readline()
-        assert "listening on" in line, line
-        self.port = int(line.rsplit(":", 1)[1])
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(20)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -100,7 +71,7 @@ def stored_rows(db: str) -> list[tuple]:
 
 @pytest.mark.slow
 def test_sigkill_loses_no_acknowledged_message(demo_dir, tmp_path, db):
-    relay = RelayProcess(demo_dir, tmp_path, db)
+    relay = RelayProcess(demo_dir, tmp_path, db=db)
     relay.start()
     stores = {u: load_keystore(demo_dir / f"{u}.p12") for u in (*SENDERS, RECIPIENT)}
     anchors = stores[RECIPIENT].ca_certificates()
@@ -206,7 +177,7 @@ def test_sigterm_finishes_in_flight_requests(demo_dir, tmp_path):
     own = Keyring(ClientState(tmp_path / "recipient"), RECIPIENT).ensure(stores[RECIPIENT].key, "X25519")
 
     def sends_answered() -> int:
-        lines = [json.loads(x) for x in (tmp_path / "audit.log").read_text().splitlines() if x.endswith("}")]
+        lines = [json.loads(x) for x in (tmp_path / "audit-relay.log").read_text().splitlines() if x.endswith("}")]
         return sum(e["event"] == "request" and e.get("op") == "send" and e.get("result") == "ok" for e in lines)
 
     async def relay_at_work() -> None:
@@ -238,4 +209,4 @@ def test_sigterm_finishes_in_flight_requests(demo_dir, tmp_path):
     stored = {row[0] for row in db.execute("SELECT msg_id FROM messages")}
     assert {r.msg_id for r in receipts} <= stored
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert '"event":"server_stopped"' in (tmp_path / "audit.log").read_text()
+    assert '"event":"server_stopped"' in (tmp_path / "audit-relay.log").read_text()
