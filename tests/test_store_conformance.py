@@ -1,8 +1,9 @@
 """One behavioural suite for every message store: SQLite (one node) and PostgreSQL (several nodes).
 
 The rules are the relay's, not a backend's, so each conformance test runs against both stores through
-the same async interface (SQLite through a one-thread adapter, as AsyncStore runs it). The tests after
-those are PostgreSQL's own: two pools on one database stand for two relay nodes.
+the same async interface (SQLite through ThreadedStore, as the relay runs it). The tests after those
+are PostgreSQL's own: two pools on one database stand for two relay nodes; ``pg_dsn`` (conftest) gives
+each test an empty schema in the run's own database.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,7 +27,7 @@ from protocol.messages import KeyRecordWire
 from protocol.receipts import Receipt
 from server import pgstore
 from server.store import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
-from server.store import DuplicateMessage, SQLiteStore, StoreError, Submission
+from server.store import DuplicateMessage, SQLiteStore, StoreError, Submission, ThreadedStore
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -60,26 +60,6 @@ def receipt_of(outcome: Any) -> Receipt:
 # --- the stores under test ------------------------------------------------------------------------------
 
 
-class SQLiteAdapter:
-    """SQLiteStore behind the async interface, on one thread of its own (as AsyncStore runs it)."""
-
-    def __init__(self, path: str) -> None:
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
-        self._store = SQLiteStore(path)
-
-    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
-        method = getattr(self._store, name)
-
-        async def call(*args: Any) -> Any:
-            return await asyncio.get_running_loop().run_in_executor(self._thread, method, *args)
-
-        return call
-
-    async def close(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._store.close)
-        self._thread.shutdown()
-
-
 class Backend:
     """How a test opens (and reopens) one store, and how it makes the stored schema look too new."""
 
@@ -99,7 +79,7 @@ class SQLiteBackend(Backend):
         self.path = str(path)
 
     async def open(self) -> Any:
-        return SQLiteAdapter(self.path)
+        return ThreadedStore(SQLiteStore(self.path))
 
     async def make_schema_newer(self) -> None:
         db = sqlite3.connect(self.path)
@@ -194,6 +174,19 @@ def test_another_message_under_a_used_msg_id_is_a_duplicate(backend: Backend) ->
         # the id is the sender's: another sender may use the same msg_id
         (other,) = await store.add_messages([sub(1, sender="E", body=b"other")], sign)
         assert other[1] is True and receipt_of(other).queue_number == 3
+
+    with_store(backend, body)
+
+
+def test_stored_digest_answers_is_this_a_retry(backend: Backend) -> None:
+    async def body(store: Any) -> None:
+        assert await store.stored_digest("A", sub(1).msg_id) is None
+        await store.add_messages([sub(1, body=b"first")], sign)
+        expected = ciphertext_digest(sub(1, body=b"first").sealed)
+        assert await store.stored_digest("A", sub(1).msg_id) == expected
+        await store.add_messages([sub(1, body=b"second")], sign)  # a duplicate changes nothing
+        assert await store.stored_digest("A", sub(1).msg_id) == expected
+        assert await store.stored_digest("E", sub(1).msg_id) is None  # the msg_id is the sender's
 
     with_store(backend, body)
 
@@ -351,9 +344,11 @@ def test_two_nodes_numbering_for_the_same_recipients_stay_dense(pg_dsn: str) -> 
     recipients = ["R1", "R2", "R3"]
 
     def batches(node: int) -> list[list[Submission]]:
-        subs = [sub(node * 1000 + i, sender=f"S{node}", to=recipients[i % 3 if node == 0 else 2 - i % 3])
+        # a sender per batch, so that the batches do not queue behind one sender lock but race for the
+        # counter rows: up to 20 transactions at once
+        subs = [sub(node * 1000 + i, sender=f"S{node}.{i // 10}", to=recipients[i % 3 if node == 0 else 2 - i % 3])
                 for i in range(200)]
-        return [subs[i:i + 20] for i in range(0, 200, 20)]
+        return [subs[i:i + 10] for i in range(0, 200, 10)]
 
     async def go() -> None:
         a, b = await nodes(pg_dsn)
@@ -386,7 +381,7 @@ def test_two_nodes_numbering_for_the_same_recipients_stay_dense(pg_dsn: str) -> 
 def test_the_same_submissions_through_two_nodes_store_once(pg_dsn: str) -> None:
     """A client retrying on another node while the first still commits: one row, one receipt for both;
     a different message under the same id on the other node is a duplicate, whichever commits first."""
-    same = [sub(i, to=f"R{i % 4}") for i in range(120)]
+    same = [sub(i, sender=f"A{i % 5}", to=f"R{i % 4}") for i in range(120)]  # batches lock several senders
     clash_a = [sub(500 + i, to="R0", body=b"version a") for i in range(30)]
     clash_b = [sub(500 + i, to="R1", body=b"version b") for i in range(30)]
 
