@@ -112,6 +112,8 @@ async def _refusal_on(reader: asyncio.StreamReader, timeout: float) -> ClientErr
     return ClientError("the relay closed the connection right after the handshake")
 
 
+CRL_WINDOW = 32  # CRL pieces requested at once
+
 # A bound on what a relay can make us hold, whatever its pages say (a relay's own --max-unread is 10 000).
 MAX_QUEUE_ENTRIES = 100_000
 
@@ -281,7 +283,10 @@ class RelayClient:
             raise ClientError("the relay sent a response nobody asked for")
         req, fut = self._inflight.popleft()
         if obj.get("id") != req.id:
-            raise ClientError("the relay answered out of order")
+            wrong = ClientError("the relay answered out of order")
+            if not fut.done():
+                fut.set_exception(wrong)  # the request that got it learns why at once, not at its timeout
+            raise wrong
         self._answered = True
         if isinstance(req, HelloRequest):
             self._adopt(obj)
@@ -389,12 +394,14 @@ class RelayClient:
             first = await self.request(CrlRequest(self.next_id(), info.digest, 0))
             assert isinstance(first, CrlResult)
             assembler.add(first)
-            rest = [CrlRequest(self.next_id(), info.digest, o) for o in piece_request_offsets(info, first)]
-            for piece in await self.pipeline(rest):
-                if isinstance(piece, Exception):
-                    raise piece
-                assert isinstance(piece, CrlResult)
-                assembler.add(piece)
+            offsets = piece_request_offsets(info, first)
+            for start in range(0, len(offsets), CRL_WINDOW):  # pipelined, a window at a time
+                window = [CrlRequest(self.next_id(), info.digest, o) for o in offsets[start:start + CRL_WINDOW]]
+                for piece in await self.pipeline(window):
+                    if isinstance(piece, Exception):
+                        raise piece
+                    assert isinstance(piece, CrlResult)
+                    assembler.add(piece)
             return assembler.der()
         except ValueError as exc:
             raise ClientError(f"bad response from the relay: {exc}") from None

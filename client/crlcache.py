@@ -28,6 +28,10 @@ class CrlRefused(ClientError):
     """A CRL that must not be used (unknown issuer, bad signature, expired, older than ours)."""
 
 
+class CrlUntrusted(CrlRefused):
+    """A CRL of a CA we do not know (a relay may serve several organisations' CRLs)."""
+
+
 class CrlOlder(CrlRefused):
     """A valid CRL, but older than the one already held for its CA."""
 
@@ -58,9 +62,14 @@ class CrlCache:
         Raises CrlRefused for a CRL that is invalid or older than ours (a relay rolling back)."""
         try:
             crl = x509.load_der_x509_crl(der)
-        except ValueError:
+            ours = any(c.subject == crl.issuer for c in (*self._anchors, *self._intermediates))
+            trusted = ours and trusted_crl(crl, self._anchors, self._intermediates)
+        except ValueError:  # an issuer name that does not parse, say
             raise CrlRefused("the relay sent an unreadable CRL") from None
-        if not trusted_crl(crl, self._anchors, self._intermediates):
+        if not ours:
+            raise CrlUntrusted(f"CRL of {crl.issuer.rfc4514_string()} is from a CA we do not know")
+        if not trusted:
+            # Our CA's name, not our CA's signature: a forgery, named as such.
             raise CrlRefused(f"CRL of {crl.issuer.rfc4514_string()} is not signed by a CA we trust")
         if crl.next_update_utc is not None and crl.next_update_utc <= utc_now():
             raise CrlRefused(f"CRL of {crl.issuer.rfc4514_string()} expired at {crl.next_update_utc:%Y-%m-%d %H:%M}Z")
@@ -82,5 +91,8 @@ class CrlCache:
             held = self.number(info.issuer)
             if held is not None and held >= info.number:
                 continue
-            self.offer(await client.fetch_crl(info))
+            try:
+                self.offer(await client.fetch_crl(info))
+            except CrlUntrusted:
+                continue  # another CA's (a relay may serve several): not ours to use
 

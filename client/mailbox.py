@@ -287,6 +287,8 @@ class Mailbox:
 
     async def read(self, num: int) -> ReadMessage:
         msg: StoredMessage = await self.client.get(num)
+        if msg.num != num:
+            raise VerificationError(f"asked for message {num}, the relay served message {msg.num}")
         receipt = msg.receipt
         await self._check_receipt(receipt)
         sealed = Sealed(msg.envelope_version, msg.header, msg.envelope)

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from . import PROTOCOL_VERSION
 from .encoding import b64e
+from .frames import MIN_FRAME_LIMIT
 from .messages import CrlInfo, CrlResult
 
 # Room in a piece's frame for everything but the data: the envelope of the response with the
@@ -92,10 +93,14 @@ class CrlAssembler:
 
 
 def piece_request_offsets(info: CrlInfo, first: CrlResult) -> list[int]:
-    """After the first piece (whose length is the relay's piece size), every other piece's offset:
-    the client asks for them all at once (pipelined)."""
+    """After the first piece (whose length is the relay's piece size), every other piece's offset.
+
+    A piece must be as large as the smallest frame a relay may use carries (or the whole CRL): a relay
+    sending 1-byte pieces of a 16 MB CRL would have a client make 16 million requests."""
     step = len(first.data)
-    return list(range(step, info.size, step)) if step else []
+    if step < min(info.size, piece_size(MIN_FRAME_LIMIT)):
+        raise ValueError(f"the relay sent a CRL in pieces of {step} bytes, too small")
+    return list(range(step, info.size, step))
 
 
 __all__ = ["CrlAssembler", "crl_number", "describe", "issuer_id", "piece", "piece_request_offsets", "piece_size"]

@@ -22,6 +22,7 @@ from .frames import loads_object
 KEMS = ("MLKEM768_X25519", "X25519")
 DEFAULT_KEM = "MLKEM768_X25519"
 LABEL = "keyrecord/v1"
+CLOCK_SKEW = dt.timedelta(minutes=10)  # how far ahead of our clock another machine's may be
 
 
 class KeyRecordError(MsgRelayError):
@@ -64,8 +65,12 @@ def parse_signed_record(record: bytes, signature: bytes, expected_uid: str, owne
         hpke.check_public(rec.kem, rec.public_key)
     except hpke.HpkeError as exc:
         raise KeyRecordError(str(exc)) from None
-    if (now or utc_now()) > rec.expires:
+    now = now or utc_now()
+    if now > rec.expires:
         raise KeyRecordError("key record has expired")
+    if rec.created > now + CLOCK_SKEW or rec.created > rec.expires:
+        # A record dated ahead would win every "newer record" comparison until that date: refused.
+        raise KeyRecordError(f"key record is dated in the future ({format_time(rec.created)})")
     return rec
 
 

@@ -79,7 +79,9 @@ class RelayServer:
         if not config.crl and not config.no_crl:
             raise PkiError("no CRL configured: give --crl FILE (the CA's crl.pem), or --no-crl to run without "
                            "revocation checks")
-        self.crl_expired: str | None = None  # why every client is refused while the CRL is out of date
+        # Why every client is refused (the CRL expired, the relay's own certificate was revoked), or None.
+        self.refusing: str | None = None
+        self.crls: list[x509.CertificateRevocationList] = []  # the newest of each CA: file and database merged
         self._crl_stamp = self._crl_file_stamp()
         self._crl_warned: float | None = None
         self._load_trust(starting=True)
@@ -102,7 +104,7 @@ class RelayServer:
         crls = load_crl_file(self.config.crl) if self.config.crl else []
         if not crls and not self.config.no_crl:
             raise PkiError(f"{self.config.crl}: holds no CRL")
-        self._apply_crls(newest_per_issuer([*crls, *getattr(self, "crls", [])]), starting)
+        self._apply_crls(newest_per_issuer([*crls, *self.crls]), starting)
 
     def _apply_crls(self, crls: list[x509.CertificateRevocationList], starting: bool = False) -> None:
         now = self.clock()
@@ -114,13 +116,21 @@ class RelayServer:
             if starting:
                 raise PkiError(f"{self.config.crl}: {expired}")
         policy = TrustPolicy(self.anchors, [] if expired else crls, self.config.org_unit)
-        # Refuse a certificate our own clients would reject (expired, revoked ...).
-        policy.validate(self.keystore.cert, self.keystore.chain, role="server", at=now)
+        try:
+            # A certificate our own clients would reject (expired, revoked ...): refused at start; on a
+            # running relay the new CRL still applies, and every client is refused with the reason.
+            policy.validate(self.keystore.cert, self.keystore.chain, role="server", at=now)
+        except ValidationError as exc:
+            if starting:
+                raise
+            expired = f"the relay's own certificate is no longer valid ({exc}): it serves no one until renewed"
         self.ssl_context = server_context(self.keystore, self.anchors, [] if expired else crls)
         self.policy = policy
-        if expired and not self.crl_expired:
+        if expired and not self.refusing:
             self.audit.event("crl_expired", reason=expired)
-        self.crl_expired = expired
+            self.refusing = expired
+            self._close_all(expired)
+        self.refusing = expired
         self.crls = crls
         self.published_crls = PublishedCrls.of(crls)  # served as the CA signed them, even when stale
 
@@ -141,25 +151,48 @@ class RelayServer:
             self.audit.event("crl_reload_failed", reason=str(exc))
             return False
         self._crl_stamp = self._crl_file_stamp()
-        self.handlers.crls = self.published_crls
-        self.audit.event("crl_reloaded", trigger=reason, crls=len(self.policy.crls))
-        self._drop_revoked()
+        self._crls_changed(reason)
         return True
+
+    def _crls_changed(self, trigger: str) -> None:
+        """New CRLs are in force: serve them, say so, and close what they revoke."""
+        self.handlers.crls = self.published_crls
+        self.audit.event("crl_reloaded", trigger=trigger, crls=len(self.policy.crls))
+        self._drop_revoked()
+
+    def recheck(self, cert: x509.Certificate) -> None:
+        """ValidationError unless ``cert`` is still valid under the current CRLs (the relay's TrustPolicy:
+        the same rule as a new connection's, no second copy of the revocation check)."""
+        self.policy.validate(cert, self.keystore.intermediates(), role="client", at=self.clock())
 
     def _drop_revoked(self) -> None:
         """Close the connections whose certificate the new CRL revokes: a revocation takes effect at once.
 
-        Each open connection's certificate is validated again by the same rule as a new one (the relay's
-        TrustPolicy), so there is no second copy of the revocation check here."""
-        intermediates = self.keystore.intermediates()
+        Each distinct certificate is checked once (a reload must not stall the loop for every
+        connection). A certificate whose intermediate the relay does not hold (the client sent it in the
+        handshake) cannot be re-validated here and is left to the handshake's verdict."""
+        verdicts: dict[bytes, ValidationError | None] = {}
         for session in list(self._sessions.values()):
             if session.peer is None:
                 continue
-            try:
-                self.policy.validate(session.peer.cert, intermediates, role="client", at=self.clock())
-            except ValidationError as exc:
+            fingerprint = session.peer.fingerprint
+            if fingerprint not in verdicts:
+                try:
+                    self.recheck(session.peer.cert)
+                    verdicts[fingerprint] = None
+                except ValidationError as exc:
+                    verdicts[fingerprint] = None if exc.reason == "unknown_issuer" else exc
+            failure = verdicts[fingerprint]
+            if failure is not None:
                 self.audit.event("connection_closed", peer=session.addr, uid=session.peer.uid,
-                                 reason=f"certificate no longer valid: {exc}")
+                                 reason=f"certificate no longer valid: {failure}")
+                session.abort()
+
+    def _close_all(self, reason: str) -> None:
+        """Fail closed for the connections already open too (an expired CRL checks no one)."""
+        for session in list(getattr(self, "_sessions", {}).values()):
+            if session.peer is not None:
+                self.audit.event("connection_closed", peer=session.addr, uid=session.peer.uid, reason=reason)
                 session.abort()
 
     def check_crl(self) -> None:
@@ -169,7 +202,7 @@ class RelayServer:
         stamp = self._crl_file_stamp()
         if stamp is not None and stamp != self._crl_stamp:
             self.reload_crl("file changed")
-        elif self.crl_expired is None and (next_update := self._next_update()) and next_update <= self.clock():
+        elif self.refusing is None and (next_update := self._next_update()) and next_update <= self.clock():
             self.reload_crl("expired")
         self._warn_crl_expiry()
 
@@ -224,9 +257,7 @@ class RelayServer:
         except PkiError as exc:
             self.audit.event("crl_reload_failed", reason=str(exc))
             return
-        self.handlers.crls = self.published_crls
-        self.audit.event("crl_reloaded", trigger="another node", crls=len(self.policy.crls))
-        self._drop_revoked()
+        self._crls_changed("another node")
 
     @property
     def port(self) -> int:

@@ -20,7 +20,7 @@ from protocol import crls as crl_wire
 from protocol.encoding import utc_now
 from protocol.envelope import Sealed, ciphertext_digest, verify_submission
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.keyrecord import KeyRecordError, parse_signed_record, read_record
+from protocol.keyrecord import KeyRecordError, parse_signed_record, read_record, signed_by
 from protocol.messages import (
     REQUEST_TYPES,
     CrlInfo,
@@ -253,10 +253,14 @@ class Handlers:
         except KeyRecordError as exc:
             raise ProtocolError(ErrorCode.BAD_SIGNATURE, f"key record refused: {exc}", req.id) from None
         held = await self.store.backend.get_key(peer.uid)
-        try:
-            held_created = read_record(held.record).created if held is not None else None  # verified when stored
-        except KeyRecordError:
-            held_created = None
+        held_created = None
+        if held is not None and signed_by(held.record, held.signature, peer.public_key):
+            # Compared only with a record of the caller's current certificate: one signed by an earlier
+            # (perhaps revoked) certificate must not keep the renewed owner from publishing.
+            try:
+                held_created = read_record(held.record).created
+            except KeyRecordError:
+                held_created = None
         if held_created is not None and record.created < held_created:
             # A replayed older record would roll the user's key back to one that may be compromised.
             raise ProtocolError(ErrorCode.BAD_REQUEST, "key record refused: older than the one published "

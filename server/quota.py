@@ -75,6 +75,9 @@ class Quotas:
             self.clock() - queue.seeded > self.reseed_after
         if queue is None or stale:
             count, size = await self.usage_of(uid)
+            held = self._queues.get(uid)
+            if held is not None and held is not queue:
+                return held  # another admission seeded it while we read, and may have counted since
             queue = self._queues[uid] = _Queue(count, size, self.clock())
         return queue
 

@@ -98,8 +98,9 @@ class Session:
     async def _handshake(self) -> bool:
         cfg = self.app.config
         audit = self.app.audit
+        context = self.app.ssl_context
         try:
-            await self.writer.start_tls(self.app.ssl_context, ssl_handshake_timeout=cfg.handshake_timeout)
+            await self.writer.start_tls(context, ssl_handshake_timeout=cfg.handshake_timeout)
         except ssl.SSLCertVerificationError as exc:
             audit.event("connection_rejected", peer=self.addr, reason=exc.verify_message or exc.reason)
             return False
@@ -117,14 +118,17 @@ class Session:
             if cert is None:
                 raise ValidationError("no_certificate", "no client certificate")
             identity = check_profile(cert, "client", cfg.org_unit)
+            if context is not self.app.ssl_context:
+                # The CRL changed while this handshake was under way: OpenSSL checked the old one.
+                self.app.recheck(cert)
         except ValidationError as exc:
             audit.event("connection_rejected", peer=self.addr, reason=str(exc))
             await self._send_and_close(error_response(None, ErrorCode.NOT_AUTHORISED, f"certificate rejected: {exc}"))
             return False
-        if self.app.crl_expired:
+        if self.app.refusing:
             # Fail closed, but say why: the client gets the reason instead of a misleading TLS alert.
-            audit.event("connection_rejected", peer=self.addr, uid=identity.uid, reason=self.app.crl_expired)
-            await self._send_and_close(error_response(None, ErrorCode.NOT_AUTHORISED, self.app.crl_expired))
+            audit.event("connection_rejected", peer=self.addr, uid=identity.uid, reason=self.app.refusing)
+            await self._send_and_close(error_response(None, ErrorCode.NOT_AUTHORISED, self.app.refusing))
             return False
         if not self.app.admit(self, identity.uid):
             audit.event("connection_refused", peer=self.addr, uid=identity.uid, reason="too many connections for this user")

@@ -16,6 +16,7 @@ import pytest
 
 from client.connection import ClientError, RelayClient, ServerRejected
 from pki.errors import PkiError
+from pki.keystore import load_keystore
 from protocol.encoding import utc_now
 from server.app import RelayServer
 from server.audit import AuditLog
@@ -124,8 +125,16 @@ def test_a_crl_that_expires_while_running_refuses_everyone_and_says_why(tmp_path
         server.call(ticks())
         warnings = len([e for e in events(tmp_path) if e["event"] == "crl_expiring"])
         assert warnings == 1  # hourly, not on every check
+        anna = load_keystore(tmp_path / "ANNA.p12")
+        still_open = RelayClient(anna, "127.0.0.1", server.port, anna.ca_certificates(), timeout=10)
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(still_open.connect())
         clock.offset += dt.timedelta(days=4)  # past nextUpdate
         assert "CRL expired" in wait_for("crl_expired")["reason"]
+        with pytest.raises(ClientError):  # connections already open are closed too: no one is checked
+            loop.run_until_complete(still_open.queue())
+        loop.run_until_complete(still_open.close())
+        loop.close()
         assert len([e for e in events(tmp_path) if e["event"] == "crl_expiring"]) == warnings  # hourly, not per tick
         r = private_client(server, tmp_path, "ANNA", "askqueue")
         assert r.code == 1
