@@ -2,12 +2,14 @@
 unread in one queue.
 
 Without them one connection put 57 300 messages (480 MB) into one queue in 20 seconds. The counts
-are kept in memory, seeded from the store the first time a queue is touched, and updated as sends
-commit and messages are marked read, so a send costs no extra query.
+are kept in memory, seeded from the store the first time a queue is touched, counted when a send is
+queued (and uncounted if its commit fails or it was a retry) and when a message is marked read, so a
+send costs no extra query.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ class Quotas:
     reseed_after: float | None = None
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
     _queues: dict[str, _Queue] = field(default_factory=dict)
+    _seeding: dict[str, asyncio.Task[_Queue]] = field(default_factory=dict)
 
     def take_send(self, sender: str, rid: RequestId) -> None:
         """One send of ``sender`` (a token bucket: a burst of ``sends_per_minute``, refilled steadily)."""
@@ -73,13 +76,21 @@ class Quotas:
         queue = self._queues.get(uid)
         stale = queue is not None and self.reseed_after is not None and \
             self.clock() - queue.seeded > self.reseed_after
-        if queue is None or stale:
+        if queue is not None and not stale:
+            return queue
+        # One read of the store per queue at a time: admissions that arrive meanwhile wait for it
+        # instead of each scanning the queue (and overwriting each other's counts).
+        if uid not in self._seeding:
+            self._seeding[uid] = asyncio.get_running_loop().create_task(self._seed(uid))
+        return await asyncio.shield(self._seeding[uid])
+
+    async def _seed(self, uid: str) -> _Queue:
+        try:
             count, size = await self.usage_of(uid)
-            held = self._queues.get(uid)
-            if held is not None and held is not queue:
-                return held  # another admission seeded it while we read, and may have counted since
             queue = self._queues[uid] = _Queue(count, size, self.clock())
-        return queue
+            return queue
+        finally:
+            del self._seeding[uid]
 
     def stored(self, recipient: str, size: int) -> None:
         queue = self._queues.get(recipient)

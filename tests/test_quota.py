@@ -12,9 +12,10 @@ import pytest
 from client.connection import ClientError, RelayClient
 from pki.keystore import load_keystore
 from protocol.envelope import Sealed
+from protocol.errors import ProtocolError
 from protocol.messages import RemoteError
 from server.cli import main as server_main
-from server.quota import QuotaConfig
+from server.quota import QuotaConfig, Quotas
 
 from .harness import private_client, private_pki, private_relay
 
@@ -137,3 +138,31 @@ def test_quota_options_are_checked(flag, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert server_main([flag, "0", "--no-crl"]) == 2
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_admissions_waiting_for_a_queue_count_read_it_once():
+    """Many sends to a queue not yet counted: one read of the store, and every admission counted."""
+    reads = 0
+
+    async def usage(uid: str) -> tuple[int, int]:
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.01)  # the store is slow: admissions pile up behind the first read
+        return (0, 0)
+
+    quotas = Quotas(QuotaConfig(max_unread=5), usage)
+
+    async def admit(i: int) -> bool:
+        try:
+            await quotas.check_room("BEN", 10, i)
+        except ProtocolError:
+            return False
+        quotas.stored("BEN", 10)
+        return True
+
+    async def scenario() -> list[bool]:
+        return list(await asyncio.gather(*(admit(i) for i in range(8))))
+
+    admitted = asyncio.run(scenario())
+    assert reads == 1
+    assert admitted.count(True) == 5  # the limit holds although all eight arrived before the count
