@@ -101,9 +101,7 @@ class RelayServer:
         expired". At start that is refused with the reason; on a running relay the TLS layer goes on
         checking chains only and every client is refused after the handshake with "CRL expired", so the
         relay still fails closed but says why."""
-        crls = load_crl_file(self.config.crl) if self.config.crl else []
-        if not crls and not self.config.no_crl:
-            raise PkiError(f"{self.config.crl}: holds no CRL")
+        crls = load_crl_file(self.config.crl) if self.config.crl else []  # (a file without one is refused there)
         self._apply_crls(newest_per_issuer([*crls, *self.crls]), starting)
 
     def _apply_crls(self, crls: list[x509.CertificateRevocationList], starting: bool = False) -> None:

@@ -42,7 +42,8 @@ UIDS = ("ALICE", "BOB", "CAROL")
 
 def _id(value: object) -> str:
     """Test ids without spaces or quotes (so they can be named on a command line)."""
-    return str(value).replace(" ", "-").replace("'", "")
+    text = "-".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    return text.replace(" ", "-").replace("'", "")
 
 
 @dataclass
@@ -82,25 +83,21 @@ def refused(r: Result, reason: str) -> None:
     assert r.out == "" and "From:" not in r.err
 
 
-def db(world: World) -> sqlite3.Connection:
-    return sqlite3.connect(world.dir / "relay.db", isolation_level=None)
+def rows(world: World, sql: str, *args: object) -> list[tuple]:
+    """What the relay's database holds (read with a connection of its own, closed at once)."""
+    conn = sqlite3.connect(world.dir / "relay.db", isolation_level=None)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
 
 
 def stored_messages(world: World) -> int:
-    conn = db(world)
-    try:
-        return conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
-    finally:
-        conn.close()
+    return rows(world, "SELECT COUNT(*) FROM messages")[0][0]
 
 
 def unread(world: World, recipient: str) -> list[int]:
-    conn = db(world)
-    try:
-        return [n for (n,) in conn.execute("SELECT num FROM messages WHERE recipient=? AND read=0 ORDER BY num",
-                                           (recipient,))]
-    finally:
-        conn.close()
+    return [n for (n,) in rows(world, "SELECT num FROM messages WHERE recipient=? AND read=0 ORDER BY num", recipient)]
 
 
 def record_of(world: World, port: int, uid: str) -> KeyRecord:
@@ -173,8 +170,7 @@ def test_another_message_under_a_used_msg_id_is_a_duplicate(world, relay):
     with pytest.raises(RemoteError) as info:
         submit(world, relay.port, "ALICE", "BOB", msg_id, second)
     assert info.value.code == "duplicate"
-    conn = db(world)
-    assert conn.execute("SELECT digest FROM messages").fetchall() == [(ciphertext_digest(first),)]
+    assert rows(world, "SELECT digest FROM messages") == [(ciphertext_digest(first),)]
 
 
 def _sealed_by_carol(world: World, bob: KeyRecord, **forge: object) -> tuple[str, Sealed]:
@@ -282,7 +278,8 @@ def test_an_unsigned_subject_is_never_shown_as_the_senders(world, relay):
 
 
 @pytest.mark.parametrize("attack", ["signed by another key", "for another UID", "expired", "unsupported KEM",
-                                    "low-order key", "older than the published one", "not JSON"], ids=_id)
+                                    "low-order key", "older than the published one", "dated in the future", "not JSON"],
+                         ids=_id)
 def test_a_key_record_the_relay_must_not_publish(world, relay, attack):
     """publish_key: the relay stores only a record the connected user signed for itself, usable and
     not older than the one it holds."""
@@ -296,7 +293,7 @@ def test_a_key_record_the_relay_must_not_publish(world, relay, attack):
             await c.publish_key(record, signature)
 
     asyncio.run(publish(good.to_bytes(), good.sign(bob.key)))
-    before = db(world).execute("SELECT record, signature FROM keys").fetchall()
+    before = rows(world, "SELECT record, signature FROM keys")
     earlier = now.replace(year=now.year - 1)
     record = {
         "signed by another key": good,
@@ -305,6 +302,7 @@ def test_a_key_record_the_relay_must_not_publish(world, relay, attack):
         "unsupported KEM": KeyRecord("BOB", "RSA-OAEP", public, now, good.expires),
         "low-order key": KeyRecord("BOB", "X25519", bytes(32), now, good.expires),
         "older than the published one": KeyRecord("BOB", "X25519", public, earlier, good.expires),
+        "dated in the future": KeyRecord("BOB", "X25519", public, now + dt.timedelta(days=1), good.expires),
         "not JSON": None,
     }[attack]
     raw = b"not json" if record is None else record.to_bytes()
@@ -318,9 +316,10 @@ def test_a_key_record_the_relay_must_not_publish(world, relay, attack):
                 "unsupported KEM": ("bad_signature", "unsupported KEM RSA-OAEP"),
                 "low-order key": ("bad_signature", "unusable X25519 point"),
                 "older than the published one": ("bad_request", "older than the one published"),
+                "dated in the future": ("bad_signature", "key record is dated in the future"),
                 "not JSON": ("bad_signature", "malformed key record")}[attack]
     assert info.value.code == expected[0] and expected[1] in info.value.message, info.value
-    assert db(world).execute("SELECT record, signature FROM keys").fetchall() == before
+    assert rows(world, "SELECT record, signature FROM keys") == before
 
 
 def test_no_user_reads_marks_or_lists_another_users_messages(world, relay):
@@ -445,6 +444,21 @@ def test_a_receipt_that_is_not_the_stored_messages_is_refused(world, hostile, li
     r = world.cli(hostile, "BOB", "getmsg", num, verbose=True)
     refused(r, "receipt does not match the stored message")
     assert hostile.ops("mark_read") == []
+
+
+def test_a_relay_delivering_a_message_again_is_refused_as_a_replay(world, hostile):
+    """The relay puts Alice's message into Bob's queue a second time, with a receipt it signs for the
+    new number: every signature is right, only Bob's memory of what he read refuses it."""
+    assert world.cli(hostile, "ALICE", "send", "BOB", "once", stdin=b"pay 10").code == 0
+    assert world.cli(hostile, "BOB", "getmsg", "1").code == 0
+    first = hostile.messages[("BOB", 1)]
+    hostile.store("BOB", "ALICE", first.msg_id, Sealed(first.envelope_version, first.header, first.envelope), num=2,
+                  sender_cert=first.sender_cert)
+    refused(world.cli(hostile, "BOB", "getmsg", "2", verbose=True),
+            f"replayed message: {first.msg_id} from ALICE was seen before")
+    again = world.cli(hostile, "BOB", "getmsg", "1")  # reading the same message again is no replay
+    assert again.code == 0 and again.out_bytes.endswith(b"\n\npay 10\n")
+    assert [r["num"] for r in hostile.ops("mark_read")] == [1]
 
 
 def test_a_receipt_not_signed_by_the_relays_key_is_refused(world, hostile):
@@ -585,7 +599,8 @@ def test_a_sender_keeps_no_receipt_that_is_not_for_its_message(world, hostile, l
 
 # ====================================================================== a tampered database (real relay)
 def _tamper(world: World, sql: str, *args: object) -> None:
-    conn = db(world)
+    """Edit one row of the relay's database, as a thief with write access to the file would."""
+    conn = sqlite3.connect(world.dir / "relay.db", isolation_level=None)
     try:
         assert conn.execute(sql, args).rowcount == 1
     finally:
@@ -597,7 +612,7 @@ def test_a_database_thief_cannot_backdate_a_message(world, relay):
     the relay's key, a changed time breaks the receipt's signature."""
     assert world.cli(relay, "BOB", "askqueue").code == 0
     assert world.cli(relay, "ALICE", "send", "BOB", "s", stdin=b"b").code == 0
-    (text,) = db(world).execute("SELECT receipt FROM messages WHERE num=1").fetchone()
+    [(text,)] = rows(world, "SELECT receipt FROM messages WHERE num=1")
     receipt = json.loads(text)
     receipt["server_time"] = "2020-01-01T00:00:00.000000Z"
     _tamper(world, "UPDATE messages SET receipt=? WHERE num=1", json.dumps(receipt))
@@ -610,7 +625,7 @@ def test_a_database_thief_with_a_stolen_sender_key_cannot_slip_in_another_messag
     of her message, leaving the relay's receipt (which it cannot re-sign)."""
     assert world.cli(relay, "BOB", "askqueue").code == 0
     assert world.cli(relay, "ALICE", "send", "BOB", "contract", stdin=b"I agree").code == 0
-    msg_id, = db(world).execute("SELECT msg_id FROM messages WHERE num=1").fetchone()
+    [(msg_id,)] = rows(world, "SELECT msg_id FROM messages WHERE num=1")
     other = forge_sealed(record_of(world, relay.port, "BOB"), sender="ALICE", recipient="BOB", msg_id=msg_id,
                          subject="contract", body=b"I refuse", inner_signer=world.stores["ALICE"].key)
     _tamper(world, "UPDATE messages SET header=?, envelope=? WHERE num=1", other.header, other.envelope)

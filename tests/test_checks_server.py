@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +17,10 @@ from client.connection import ClientError, RelayClient, ServerRejected
 from pki.ca import CertificateAuthority
 from pki.errors import PkiError, ValidationError
 from pki.keystore import Keystore, load_keystore, save_keystore
+from pki.tls import client_context
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import CrlRequest, CrlResult, RemoteError
+from protocol.frames import FrameDecoder, decode_payload, encode_frame
+from protocol.messages import CrlRequest, CrlResult, QueueRequest, RemoteError, request_to_wire
 from server.app import RelayServer
 from server.handlers import Handlers
 
@@ -144,6 +148,52 @@ def test_a_certificate_of_our_ca_outside_the_profile_gets_no_session(tmp_path, w
         assert isinstance(exc, ServerRejected) and str(exc) == f"the relay refused our certificate: {reason}"
         rejected = [e for e in audit(tmp_path) if e["event"] == "connection_rejected"]
         assert rejected and reason.removeprefix("certificate rejected: ") == rejected[0]["reason"]
+        assert not any(e["event"] == "connection_accepted" for e in audit(tmp_path))
+    finally:
+        server.stop()
+
+
+def test_a_certificate_revoked_during_its_own_handshake_gets_no_session(tmp_path):
+    """The client's certificate travels in its second TLS 1.3 flight. The test holds that flight back,
+    revokes the user and has the relay reload its CRL, then sends it: OpenSSL checks it against the
+    context the handshake began with (the old CRL), so only the relay's re-check refuses it."""
+    ca = private_pki(tmp_path)
+    late = ca.issue("LATE")
+    server = private_relay(tmp_path, enroll=False)
+    tls = client_context(late, [ca.root]).wrap_bio(incoming := ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(),
+                                                   server_hostname="127.0.0.1")
+
+    async def reload() -> bool:
+        assert server.server is not None
+        return server.server.reload_crl("test")
+
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+            while True:  # until our side of the handshake is done: the relay has not seen our certificate
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    sock.sendall(outgoing.read())
+                    incoming.write(sock.recv(65536) or b"")
+            second_flight = outgoing.read()
+            assert second_flight
+            ca.revoke(uid="LATE")
+            assert server.call(reload())
+            tls.write(encode_frame(request_to_wire(QueueRequest(1))))
+            sock.sendall(second_flight + outgoing.read())
+            answers, decoder = [], FrameDecoder()
+            while not answers:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                incoming.write(data)
+                try:
+                    answers += [decode_payload(p) for p in decoder.feed(tls.read(65536))]
+                except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                    continue
+        assert answers == [{"v": 1, "id": None, "ok": False,
+                            "error": {"code": "not_authorised", "message": "certificate rejected: certificate is revoked"}}]
         assert not any(e["event"] == "connection_accepted" for e in audit(tmp_path))
     finally:
         server.stop()

@@ -8,13 +8,15 @@ import datetime as dt
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import dsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pki.ca import CertificateAuthority
 from pki.errors import ValidationError
 from pki.keys import PrivateKey, certificate_hash, generate_key
 from pki.validation import TrustPolicy, check_profile
 
-from .certfactory import name, self_signed_ca
+from .certfactory import Issuer, leaf, name, self_signed_ca
 
 NOW = dt.datetime.now(dt.timezone.utc)
 
@@ -53,6 +55,19 @@ def test_a_key_usage_without_digital_signatures_is_refused(ca):
         check_profile(cert, "server")
 
 
+def test_a_server_only_certificate_is_no_client(ca):
+    """An ordinary UID (not reserved, so no other check minds) with serverAuth only: the extended key
+    usage alone refuses it as a client; anyExtendedKeyUsage allows both roles."""
+    only_server = leaf(Issuer(ca.intermediate, ca.intermediate_key), "JUDY", eku=[ExtendedKeyUsageOID.SERVER_AUTH])
+    with pytest.raises(ValidationError) as info:
+        TrustPolicy([ca.root], ca.build_crls()).validate(only_server.cert, ca.chain, role="client")
+    assert (info.value.reason, str(info.value)) == ("wrong_role", "certificate of JUDY is not a client certificate "
+                                                                  "(extended key usage)")
+    anything = leaf(Issuer(ca.intermediate, ca.intermediate_key), "KATE",
+                    eku=[ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE])
+    assert TrustPolicy([ca.root], ca.build_crls()).validate(anything.cert, ca.chain, role="client").uid == "KATE"
+
+
 def test_no_trust_anchor_no_policy():
     with pytest.raises(ValidationError) as info:
         TrustPolicy([])
@@ -83,3 +98,17 @@ def test_a_root_crl_from_a_look_alike_does_not_count(ca):
     with pytest.raises(ValidationError) as now:
         policy.validate(user.cert, user.chain)
     assert now.value.reason == "crl_invalid"
+
+
+def test_a_dsa_key_is_refused(ca):
+    """Only RSA, elliptic curves of P-256 and up, and Ed25519/Ed448 keys: a DSA leaf, validly signed by
+    our CA, is not one of them."""
+    key = dsa.generate_private_key(key_size=2048)
+    cert = (x509.CertificateBuilder().subject_name(name("DORA", "DORA")).issuer_name(ca.intermediate.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - dt.timedelta(days=1)).not_valid_after(NOW + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca.intermediate_key, certificate_hash(ca.intermediate_key)))
+    with pytest.raises(ValidationError) as info:
+        TrustPolicy([ca.root], ca.build_crls()).validate(cert, ca.chain)
+    assert (info.value.reason, str(info.value)) == ("weak_key", "key type DSAPublicKey not allowed")
