@@ -37,12 +37,13 @@ $(SCAN_STAMP):
 	$(SCAN)/bin/python -m pip install --quiet 'sslyze>=6,<7'
 	touch $(SCAN_STAMP)
 
-# Everything, the crash-safety test and the TLS scan included; test-all also fuzzes far longer.
+# Everything, the crash-safety test and the TLS scan included, on two workers (the machine's two cores);
+# test-all also fuzzes far longer.
 test: $(STAMP) $(SCAN_STAMP)
-	MSG_RELAY_SSLYZE=$(CURDIR)/$(SCAN)/bin/sslyze $(BIN)/python -m pytest
+	MSG_RELAY_SSLYZE=$(CURDIR)/$(SCAN)/bin/sslyze $(BIN)/python -m pytest -n 2
 
 test-all: $(STAMP) $(SCAN_STAMP)
-	MSG_RELAY_SSLYZE=$(CURDIR)/$(SCAN)/bin/sslyze HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest
+	MSG_RELAY_SSLYZE=$(CURDIR)/$(SCAN)/bin/sslyze HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -n 2
 
 # Static checks (ruff, mypy); not part of `make test`, so a new checker release cannot turn CI red.
 lint: $(STAMP)
