@@ -213,3 +213,18 @@ async def _until_refused(node: RelayProcess, tmp_path: Path) -> float:
             return loop.time() - start
         await asyncio.sleep(0.2)
     raise AssertionError("the revocation never reached the other node")
+
+
+def test_migrate_only_brings_a_database_up_to_date_and_says_which(pg_dsn, tmp_path, capsys):
+    from server.cli import main as server_main
+    from server.pgstore import SCHEMA_VERSION as PG_VERSION
+    from server.store import SCHEMA_VERSION as SQLITE_VERSION
+
+    assert server_main(["--db", pg_dsn, "--migrate-only"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"schema version {PG_VERSION}")
+    assert server_main(["--db", pg_dsn, "--migrate-only"]) == 0  # again: nothing to do, same answer
+    assert server_main(["--db", str(tmp_path / "r.db"), "--migrate-only"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"schema version {SQLITE_VERSION}")
+    bad = "postgresql://postgres@127.0.0.1:1/nothing"
+    assert server_main(["--db", bad, "--migrate-only"]) == 2
+    assert capsys.readouterr().err.startswith("msg-server: error:")
