@@ -28,6 +28,7 @@ from pki.files import load_certificate_file, load_crl_file, read_bytes, write_at
 from pki.identity import cert_fingerprint, is_valid_uid
 from pki.keystore import load_keystore
 from pki.passwords import PasswordSource
+from pki.terminal import visible
 from pki.validation import TrustPolicy
 from protocol.encoding import format_time
 from protocol.envelope import MAX_BODY, NoSuchKey, VerificationError, check_subject
@@ -278,13 +279,6 @@ def _keys(keyring: Keyring, action: str, file: str) -> int:
     key = keyring.import_doc(doc)
     print(f"encryption key {key.record.key_id} of {keyring.uid} imported; it is now this device's key too")
     return 0
-
-
-def visible(text: str, keep: str = "") -> str:
-    """Text from the relay or another user, safe for a terminal: control, format and escape characters
-    made visible (``\\x1b``), except those in ``keep``."""
-    return "".join(c if c in keep or c.isprintable() else
-                   f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}" for c in text)
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -39,6 +39,7 @@ from .identity import cn_of, org_units_of, uid_of
 from .keys import describe_key
 from .keystore import looks_like_pkcs12, open_keystore
 from .passwords import NO_PASSWORD, PasswordSource
+from .terminal import visible
 from .validation import verify_crl_signature
 
 # Names print as the relay reads them: the UID is "pseudonym=", not the bare "2.5.4.65=".
@@ -262,7 +263,12 @@ def _field_text(key: str, value: Any) -> str:
 
 
 def render_text(info: dict[str, Any]) -> str:
-    """Aligned text in the manner of ``step certificate inspect``."""
+    """Aligned text in the manner of ``step certificate inspect``; whatever the file says is shown with
+    its control characters made visible (a crafted CN must not drive the terminal)."""
+    return visible(_render_text(info), keep="\n")
+
+
+def _render_text(info: dict[str, Any]) -> str:
     width = max(len(v) for v in _LABELS.values()) + 2
     lines: list[str] = []
     if info["type"] == "pkcs12":

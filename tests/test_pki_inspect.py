@@ -146,3 +146,21 @@ def test_certificate_and_key_in_one_pem(fresh_ca, tmp_path: Path, capsys) -> Non
     info = json.loads(run(capsys, "inspect", "--json", str(f))[1])
     assert info["type"] == "certificate" and info["certificates"][0]["uid"] == "BUNDLED"
     assert info["private_key"] == {"algorithm": "ECDSA secp256r1", "bits": 256, "encrypted": False}
+
+
+def test_what_a_certificate_says_cannot_drive_the_terminal(tmp_path, capsys):
+    """A crafted CN with an escape sequence and a bidi override is printed with both made visible."""
+    from pki.cli import main as pki_main
+
+    from .certfactory import leaf, self_signed_ca
+    from .certfactory import name as subject_name
+
+    issuer = self_signed_ca(subject_name("MSG_CA", "CA"))
+    store = leaf(issuer, "EVIL", cn="\x1b[2J\u202eevil")
+    from pki.files import certs_to_pem
+
+    (tmp_path / "evil.pem").write_bytes(certs_to_pem([store.cert]))
+    assert pki_main(["inspect", str(tmp_path / "evil.pem")]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\u202e" not in out
+    assert "\\x1b[2J\\u202eevil" in out
