@@ -47,6 +47,7 @@ from .keys import Keyring, OwnKey
 from .state import ClientState
 
 log = logging.getLogger("msg_relay.client")
+DIRECTORY_CACHE = 256  # directory answers kept for the rest of one command
 
 
 @dataclass(frozen=True)
@@ -265,8 +266,11 @@ class Mailbox:
         """
         entry = self._directory.get((uid, fingerprint))
         if entry is None:
-            # Once per command: the queue asks for the same sender's certificate again and again.
-            entry = self._directory[(uid, fingerprint)] = await self.client.directory(uid, fingerprint)
+            # Once per command: the queue asks for the same sender's certificate again and again. Bounded:
+            # a relay listing thousands of distinct certificates must not make us hold them all.
+            entry = await self.client.directory(uid, fingerprint)
+            if len(self._directory) < DIRECTORY_CACHE:
+                self._directory[(uid, fingerprint)] = entry
         try:
             certs = [x509.load_der_x509_certificate(c) for c in entry.chain]
         except ValueError:

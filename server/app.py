@@ -284,6 +284,7 @@ class RelayServer:
             log.warning("running without a CRL: revoked certificates are accepted (--no-crl)")
             self.audit.event("crl_disabled", reason="--no-crl: revoked certificates are accepted")
         self._warn_crl_expiry()
+        await self.share_crls()  # a newer CRL another node holds applies from the first connection on
         self._crl_task = asyncio.get_running_loop().create_task(self._watch_crl())
         self.audit.event("server_started", host=self.config.host, port=self.port)
 
