@@ -879,7 +879,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="duration of each throughput run")
     p.add_argument("--quick", action="store_true", help="smaller figures for a smoke run")
     p.add_argument("--out", default=str(ROOT / "bench"))
-    p.add_argument("--only", choices=["flood", "scaleout"],
+    p.add_argument("--only", choices=["flood", "scaleout", "memory"],
                    help="run one row and print it; bench/results.json and the plot are left as they are")
     p.add_argument("--pg", default=PG_ADMIN_DSN, metavar="DSN",
                    help="PostgreSQL for the scale-out rows, as a user that may create databases: each measurement "
@@ -907,6 +907,15 @@ def main() -> int:
         results["flood"] = flood(world, tmp, FLOOD_CLIENTS, FLOOD_GETS, FLOOD_DEADLINE_S)
         print(json.dumps(results["flood"], indent=2))
         print(table([SUMMARY_HEADER, *flood_rows(results["flood"])]))
+        return 0
+    if args.only == "memory":
+        relay, ref = start_relay(certs, tmp / "relay.db"), start_reference(certs)
+        try:
+            results["memory"] = asyncio.run(memory(world, relay, ref, 1000))
+        finally:
+            relay.stop()
+            ref.stop()
+        print(json.dumps(results["memory"], indent=2))
         return 0
     if args.only == "scaleout":
         results["scaleout"] = scaleout(world, tmp, secs, args.pg, lambda what: None)

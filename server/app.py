@@ -66,7 +66,7 @@ class RelayServer:
     def __init__(self, config: ServerConfig, audit: AuditLog | None = None,
                  clock: Callable[[], dt.datetime] = utc_now) -> None:
         install_tls_alert_fix()  # refused clients get the TLS alert, not a bare EOF (gh-98078)
-        install_tls_buffers()  # 32 KiB instead of 256 KiB of read buffer per TLS connection
+        install_tls_buffers()  # 16 KiB instead of 256 KiB of read buffer per TLS connection
         self.config = config
         self.audit = audit or AuditLog(config.log_file)
         self.keystore = load_keystore(config.p12, config.passwords)

