@@ -137,8 +137,8 @@ class Handlers:
         self.receipt_signature_size = receipt_signature_size
 
     async def handle(self, req: Request, peer: Peer) -> Result:
-        if isinstance(req, SendRequest):
-            return await self.send(req, peer)
+        """Every operation but ``send``, which the session runs in three steps (admit_send, enqueue_send,
+        stored) so that pipelined sends share a group commit in request order."""
         if isinstance(req, QueueRequest):
             return await self.queue(req, peer)
         if isinstance(req, GetRequest):
@@ -156,9 +156,6 @@ class Handlers:
         if isinstance(req, CrlRequest):
             return self.crl_piece(req)
         raise ProtocolError(ErrorCode.BAD_REQUEST, "unsupported operation", req.id)
-
-    async def send(self, req: SendRequest, peer: Peer) -> SendResult:
-        return await self.stored(req, self.enqueue_send(await self.admit_send(req, peer)))
 
     async def admit_send(self, req: SendRequest, peer: Peer) -> Submission:
         """The checks before storing: a known recipient, the sender's signature over the submission, and

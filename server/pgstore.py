@@ -28,11 +28,10 @@ import asyncpg
 from pki.identity import cert_fingerprint
 from protocol.encoding import utc_now
 from protocol.envelope import ciphertext_digest
-from protocol.fields import Fields
 from protocol.messages import KeyRecordWire, QueueEntry, StoredMessage
 from protocol.receipts import Receipt
 
-from .store import DuplicateMessage, StoreError, StoreOutcome, Submission
+from .store import DuplicateMessage, StoreError, StoreOutcome, Submission, stored_receipt
 
 # Key of the session advisory lock that serialises migrations: b"msgrelay" as a signed 64-bit integer.
 MIGRATION_LOCK = int.from_bytes(b"msgrelay", "big", signed=True)
@@ -110,10 +109,6 @@ def _sender_lock(sender: str) -> int:
     return int.from_bytes(hashlib.sha256(b"msg-relay/sender\0" + sender.encode()).digest()[:8], "big", signed=True)
 
 
-def _receipt(text: str) -> Receipt:
-    return Receipt.from_wire(Fields(json.loads(text)))
-
-
 class PostgresStore:
     """The relay's storage on a PostgreSQL server, shared by any number of relay nodes.
 
@@ -144,7 +139,7 @@ class PostgresStore:
                 " JOIN unnest($1::text[], $2::text[]) AS k(sender, msg_id) USING (sender, msg_id)",
                 [sub.sender for sub in batch], [sub.msg_id for sub in batch])
             stored: dict[tuple[str, str], tuple[bytes, Receipt]] = {
-                (r["sender"], r["msg_id"]): (bytes(r["digest"]), _receipt(r["receipt"])) for r in rows}
+                (r["sender"], r["msg_id"]): (bytes(r["digest"]), stored_receipt(r["receipt"])) for r in rows}
             # 2. Which submissions are new (the first of a msg_id in the batch that is not stored yet).
             first: dict[tuple[str, str], int] = {}
             for i, sub in enumerate(batch):
@@ -191,7 +186,7 @@ class PostgresStore:
             "SELECT num, sender, msg_id, server_time, envelope_version, header, receipt, sender_cert FROM messages"
             " WHERE recipient=$1 AND NOT read AND num>$2 ORDER BY num LIMIT $3", uid, after, limit)
         return [QueueEntry(r["num"], r["sender"], r["msg_id"], r["server_time"], r["envelope_version"],
-                           bytes(r["header"]), _receipt(r["receipt"]), bytes(r["sender_cert"])) for r in rows]
+                           bytes(r["header"]), stored_receipt(r["receipt"]), bytes(r["sender_cert"])) for r in rows]
 
     async def get_message(self, uid: str, num: int) -> StoredMessage | None:
         """The message, read or not; reading it changes nothing (the client marks it read once verified)."""
@@ -201,7 +196,7 @@ class PostgresStore:
         if r is None:
             return None
         return StoredMessage(r["num"], r["sender"], r["recipient"], r["msg_id"], r["server_time"],
-                             r["envelope_version"], bytes(r["header"]), bytes(r["envelope"]), _receipt(r["receipt"]),
+                             r["envelope_version"], bytes(r["header"]), bytes(r["envelope"]), stored_receipt(r["receipt"]),
                              bytes(r["sender_cert"]), r["read"])
 
     async def mark_read(self, uid: str, num: int) -> int | None:

@@ -169,7 +169,7 @@ class SQLiteStore(MessageStore):
         row = self.db.execute("SELECT digest, receipt FROM messages WHERE sender=? AND msg_id=?",
                               (sub.sender, sub.msg_id)).fetchone()
         if row is not None:
-            return (_receipt(row[1]), False) if bytes(row[0]) == digest else DuplicateMessage(sub.msg_id)
+            return (stored_receipt(row[1]), False) if bytes(row[0]) == digest else DuplicateMessage(sub.msg_id)
         (num,) = self.db.execute("SELECT COALESCE(MAX(num), 0) + 1 FROM messages WHERE recipient=?",
                                  (sub.recipient,)).fetchone()
         receipt = sign(Receipt(sub.msg_id, sub.sender, sub.recipient, digest, utc_now(), num))
@@ -184,7 +184,7 @@ class SQLiteStore(MessageStore):
         rows = self.db.execute(
             "SELECT num, sender, msg_id, server_time, envelope_version, header, receipt, sender_cert FROM messages"
             " WHERE recipient=? AND read=0 AND num>? ORDER BY num LIMIT ?", (uid, after, limit)).fetchall()
-        return [QueueEntry(r[0], r[1], r[2], parse_time(r[3]), r[4], bytes(r[5]), _receipt(r[6]), bytes(r[7]))
+        return [QueueEntry(r[0], r[1], r[2], parse_time(r[3]), r[4], bytes(r[5]), stored_receipt(r[6]), bytes(r[7]))
                 for r in rows]
 
     def get_message(self, uid: str, num: int) -> StoredMessage | None:
@@ -194,7 +194,7 @@ class SQLiteStore(MessageStore):
         if row is None:
             return None
         return StoredMessage(row[0], row[1], row[2], row[3], parse_time(row[4]), row[5], bytes(row[6]),
-                             bytes(row[7]), _receipt(row[8]), bytes(row[9]), bool(row[10]))
+                             bytes(row[7]), stored_receipt(row[8]), bytes(row[9]), bool(row[10]))
 
     def mark_read(self, uid: str, num: int) -> int | None:
         row = self.db.execute("SELECT read, length(header) + length(envelope) FROM messages WHERE recipient=? AND num=?",
@@ -260,7 +260,8 @@ def _create_private(path: str) -> None:
         raise StoreError(f"{path}: cannot create the database ({exc.strerror})") from None
 
 
-def _receipt(text: str) -> Receipt:
+def stored_receipt(text: str) -> Receipt:
+    """A receipt as both stores keep it: its wire form, as JSON text."""
     return Receipt.from_wire(Fields(json.loads(text)))
 
 
