@@ -37,8 +37,9 @@ from protocol.keyrecord import DEFAULT_KEM, KEMS
 from protocol.messages import RemoteError
 
 from .connection import ClientError, RelayClient
+from .aliases import Aliases, split_recipients
 from .keys import Keyring
-from .mailbox import Mailbox
+from .mailbox import Mailbox, QueueLine, ReadMessage, Unreadable
 from .state import ClientState, default_state_dir
 
 COMMAND_ERROR = "MSG RELAY SERVICE: command error!"
@@ -53,9 +54,14 @@ HELP = """usage: msg-client [options] COMMAND
 
 commands:
   send <UID> <SUBJECT>   send a message to UID; the body is read from stdin (at most 1000 bytes;
-                         from a terminal, end it with Ctrl-D)
+                         from a terminal, end it with Ctrl-D); UID1,UID2,... (at most 32) or an
+                         alias sends one message to several, each seeing the others (Cc:)
   askqueue               list unread messages: <NUM>:<SENDER>:<TIME>:<SUBJECT>
   getmsg <NUM>           print message NUM and mark it read
+  watch [--open]         list unread messages, then each new one the moment it arrives (with
+                         --open: print each one like getmsg and mark it read); Ctrl-C ends it
+  alias set NAME UID1,UID2,...   a name for a group of recipients (kept in the state directory)
+  alias list | alias rm NAME
   receipts               list the relay's receipts for messages you sent
   rotate-key             make and publish a new encryption key (old ones kept, decrypt-only)
   keys export FILE       write this device's encryption keys (private halves too) to FILE, 0600
@@ -167,7 +173,7 @@ def _read_body() -> bytes:
     return body
 
 
-COMMANDS = ("send", "askqueue", "getmsg", "receipts", "rotate-key", "keys", "help")
+COMMANDS = ("send", "askqueue", "getmsg", "watch", "receipts", "rotate-key", "keys", "alias", "help")
 
 
 def _validate_command(command: str | None, args: list[str]) -> None:
@@ -182,8 +188,9 @@ def _validate_command(command: str | None, args: list[str]) -> None:
         if len(args) > 2:
             raise CommandError(f"send needs <UID> <SUBJECT>, got {len(args)} arguments "
                                "(quote a subject with spaces)")
-        if not is_valid_uid(args[0]):
-            raise CommandError(f"send needs a UID (1-64 of A-Z a-z 0-9 _ . @ -), got {args[0]!r}")
+        bad = next((part for part in args[0].split(",") if not is_valid_uid(part.strip())), None)
+        if bad is not None:
+            raise CommandError(f"send needs a UID (1-64 of A-Z a-z 0-9 _ . @ -), got {bad!r}")
     elif command == "getmsg":
         if not args:
             raise CommandError("getmsg needs a message number")
@@ -194,6 +201,12 @@ def _validate_command(command: str | None, args: list[str]) -> None:
     elif command == "keys":
         if len(args) != 2 or args[0] not in ("export", "import"):
             raise CommandError("keys needs export FILE or import FILE")
+    elif command == "watch":
+        if args not in ([], ["--open"]):
+            raise CommandError(f"watch takes only --open, got {' '.join(args)!r}")
+    elif command == "alias":
+        if not (args == ["list"] or len(args) == 2 and args[0] == "rm" or len(args) == 3 and args[0] == "set"):
+            raise CommandError("alias needs set NAME UID1,UID2,... or list or rm NAME")
     elif args:
         raise CommandError(f"{command} takes no arguments, got {' '.join(args)!r}")
 
@@ -213,12 +226,16 @@ async def _run(opts: argparse.Namespace) -> int:
     state.bind(store.uid, ca)
     if opts.command == "keys":
         return _keys(Keyring(state, store.uid), *opts.args)
+    if opts.command == "alias":
+        return _alias(Aliases(state), *opts.args)
     if opts.command == "receipts":
         for r in state.receipts():
             print(f"{r.msg_id} to {r.recipient} at {format_time(r.server_time)} queue number {r.queue_number}")
         return 0
     body = b""
+    recipients: list[str] = []
     if opts.command == "send":
+        recipients = Aliases(state).expand(split_recipients(opts.args[0]))
         try:
             check_subject(opts.args[1])
         except ValueError as exc:
@@ -233,23 +250,59 @@ async def _run(opts: argparse.Namespace) -> int:
             return 0
         await mailbox.ensure_published()
         if opts.command == "send":
-            receipt = await mailbox.send(opts.args[0], opts.args[1], body)
-            print(f"sent {receipt.msg_id} to {receipt.recipient} at {format_time(receipt.server_time)}")
+            for receipt in await mailbox.send_many(recipients, opts.args[1], body):
+                print(f"sent {receipt.msg_id} to {receipt.recipient} at {format_time(receipt.server_time)}")
         elif opts.command == "askqueue":
             for line in await mailbox.queue():
-                subject = line.subject if line.subject is not None else UNVERIFIABLE
-                print(f"{line.num}:{line.sender}:{line.server_time.strftime('%Y-%m-%dT%H:%M:%SZ')}:{subject}")
+                _print_line(line)
         elif opts.command == "getmsg":
-            msg = await mailbox.read(int(opts.args[0]))
-            inner = msg.inner
-            sys.stdout.write(f"From: {inner.sender}\nTo: {inner.recipient}\nSubject: {inner.subject}\n"
-                             f"Date: {format_time(msg.receipt.server_time)}\nMessage-Id: {inner.msg_id}\n\n")
-            sys.stdout.flush()
-            body = printable_body(inner.body) if sys.stdout.isatty() else inner.body
-            sys.stdout.buffer.write(body)
-            if body and not body.endswith(b"\n"):
-                sys.stdout.buffer.write(b"\n")
-            sys.stdout.flush()
+            _print_message(await mailbox.read(int(opts.args[0])))
+        elif opts.command == "watch":
+            await mailbox.watch(_print_line, _print_watched, open_messages=opts.args == ["--open"])
+    return 0
+
+
+def _print_line(line: QueueLine) -> None:
+    """One ``askqueue`` line: ``<NUM>:<SENDER>:<TIME>:<SUBJECT>``."""
+    subject = line.subject if line.subject is not None else UNVERIFIABLE
+    print(f"{line.num}:{line.sender}:{line.server_time.strftime('%Y-%m-%dT%H:%M:%SZ')}:{subject}", flush=True)
+
+
+def _print_message(msg: ReadMessage) -> None:
+    """A message as ``getmsg`` prints it; ``Cc:`` names the other recipients of a message to several."""
+    inner = msg.inner
+    cc = f"Cc: {', '.join(inner.cc)}\n" if inner.cc else ""
+    sys.stdout.write(f"From: {inner.sender}\nTo: {inner.recipient}\n{cc}Subject: {inner.subject}\n"
+                     f"Date: {format_time(msg.receipt.server_time)}\nMessage-Id: {inner.msg_id}\n\n")
+    sys.stdout.flush()
+    body = printable_body(inner.body) if sys.stdout.isatty() else inner.body
+    sys.stdout.buffer.write(body)
+    if body and not body.endswith(b"\n"):
+        sys.stdout.buffer.write(b"\n")
+    sys.stdout.flush()
+
+
+def _print_watched(item: ReadMessage | Unreadable) -> None:
+    """``watch --open``: each message as getmsg prints it, a blank line between; one that does not verify
+    is named on stderr and stays unread."""
+    if isinstance(item, Unreadable):
+        print(visible(f"msg-client: message {item.num} not shown ({VERIFICATION_ERROR} {item.error}); it stays "
+                      "unread"), file=sys.stderr, flush=True)
+        return
+    _print_message(item)
+    print(flush=True)
+
+
+def _alias(aliases: Aliases, action: str, *args: str) -> int:
+    if action == "list":
+        for name, members in sorted(aliases.all().items()):
+            print(f"{name}: {','.join(members)}")
+    elif action == "rm":
+        aliases.remove(args[0])
+        print(f"alias {args[0]} removed")
+    else:
+        members = aliases.set(args[0], split_recipients(args[1]))
+        print(f"alias {args[0]}: {','.join(members)}")
     return 0
 
 
@@ -302,6 +355,10 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     try:
         return asyncio.run(_run(opts))
+    except KeyboardInterrupt:
+        if opts.command == "watch":
+            return 0  # Ctrl-C is how a watch ends
+        raise
     except NoSuchKey as exc:
         return _fail(f"msg-client: cannot open this message: {exc}; read it where that key is, or copy the "
                      "key here with msg-client keys export/import")

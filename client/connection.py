@@ -40,6 +40,7 @@ from protocol.messages import (
     PublishKeyRequest,
     QueueEntry,
     QueueRequest,
+    QueuedEvent,
     QueueResult,
     RemoteError,
     Request,
@@ -47,6 +48,9 @@ from protocol.messages import (
     SendRequest,
     SendResult,
     StoredMessage,
+    SubscribeRequest,
+    is_event,
+    parse_event,
     parse_response,
     request_to_wire,
 )
@@ -147,6 +151,9 @@ class RelayClient:
         self._write_lock = asyncio.Lock()
         self._answered = False
         self._ctx = client_context(keystore, self.anchors, self.crls)
+        # Live delivery: the newest queue number the relay announced (events coalesce into it).
+        self.queued_num = 0
+        self._queued = asyncio.Event()
 
     @property
     def uid(self) -> str:
@@ -245,6 +252,7 @@ class RelayClient:
 
     def _fail_all(self, exc: ClientError) -> None:
         self._broken = self._broken or exc
+        self._queued.set()  # a watcher waiting for events learns of the loss at once
         while self._inflight:
             fut = self._inflight.popleft()[1]
             if not fut.done():
@@ -273,6 +281,9 @@ class RelayClient:
             self._fail_all(exc)
 
     def _dispatch(self, obj: dict[str, Any]) -> None:
+        if is_event(obj):
+            self._on_event(obj)
+            return
         if obj.get("id") is None and obj.get("ok") is False:
             err: dict[str, Any] = obj["error"] if isinstance(obj.get("error"), dict) else {}
             msg = str(err.get("message", "request refused"))
@@ -292,6 +303,31 @@ class RelayClient:
             self._adopt(obj)
         if not fut.done():
             fut.set_result(obj)
+
+    def _on_event(self, obj: dict[str, Any]) -> None:
+        """An event the relay pushed: only a number is kept, whatever the relay sends and how often."""
+        try:
+            event = parse_event(obj)
+        except ProtocolError as exc:
+            raise ClientError(f"bad event from the relay: {exc.message}") from None
+        if isinstance(event, QueuedEvent) and event.num > self.queued_num:
+            self.queued_num = event.num
+            self._queued.set()
+
+    async def wait_queued(self, after: int, timeout: float) -> bool:
+        """Wait until the relay announces a message numbered above ``after``: True when it did, False
+        after ``timeout`` seconds of silence. A lost connection raises its error."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.queued_num <= after:
+            if self._broken is not None:
+                raise self._broken
+            self._queued.clear()
+            try:
+                await asyncio.wait_for(self._queued.wait(), max(0.0, deadline - loop.time()))
+            except (asyncio.TimeoutError, TimeoutError):
+                return self.queued_num > after
+        return True
 
     def _adopt(self, obj: dict[str, Any]) -> None:
         """Take the frame limit the relay announces (a relay that predates ``hello`` keeps the default)."""
@@ -332,7 +368,8 @@ class RelayClient:
         try:
             return await asyncio.wait_for(asyncio.shield(fut), self.timeout)
         except (asyncio.TimeoutError, TimeoutError):
-            raise ClientError("the relay did not answer in time") from None
+            # Lost to us either way: a send is retried (same msg_id) through the next node, a watcher reconnects.
+            raise ConnectionLost("the relay did not answer in time") from None
 
     async def request(self, req: Request) -> Result:
         (fut,) = await self._submit([req])
@@ -362,9 +399,8 @@ class RelayClient:
         assert isinstance(result, SendResult)
         return result.receipt
 
-    async def queue(self) -> list[QueueEntry]:
+    async def queue(self, after: int = 0) -> list[QueueEntry]:
         entries: list[QueueEntry] = []
-        after = 0
         while True:
             page = await self.request(QueueRequest(self.next_id(), after))
             assert isinstance(page, QueueResult)
@@ -378,6 +414,14 @@ class RelayClient:
                 raise ClientError(f"bad response from the relay: more than {MAX_QUEUE_ENTRIES} unread messages listed")
             if not page.more or not page.entries:
                 return entries
+
+    async def subscribe(self) -> None:
+        """Ask the relay to push a ``queued`` event for every message stored for us from now on."""
+        await self.request(SubscribeRequest(self.next_id()))
+
+    async def ping(self) -> None:
+        """One round trip (``hello``): keeps an idle connection open and proves the relay is there."""
+        await self.request(HelloRequest(self.next_id()))
 
     async def mark_read(self, num: int) -> None:
         await self.request(MarkReadRequest(self.next_id(), num))

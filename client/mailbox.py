@@ -6,9 +6,11 @@ This is where a client decides whether to believe a message. Every check failure
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -20,8 +22,9 @@ from pki.keys import PublicKey
 from pki.validation import Role, TrustPolicy
 from protocol.encoding import format_time, utc_now
 from protocol.envelope import (
-    ENVELOPE_V3,
+    SIGNED_SUBJECT_VERSIONS,
     InnerMessage,
+    Copy,
     OpenedMessage,
     Sealed,
     VerificationError,
@@ -29,6 +32,7 @@ from protocol.envelope import (
     open_envelope,
     read_subject,
     seal,
+    seal_many,
 )
 from protocol.keyrecord import (
     DEFAULT_KEM,
@@ -38,16 +42,22 @@ from protocol.keyrecord import (
     read_record,
     signed_by,
 )
-from protocol.messages import DirectoryResult, QueueEntry, StoredMessage
+from protocol.messages import DirectoryRequest, DirectoryResult, QueueEntry, RemoteError, StoredMessage
 from protocol.receipts import Receipt
 
-from .connection import ClientError, ConnectionLost, RelayClient
+from .connection import ClientError, ConnectionLost, RelayClient, ServerRejected
 from .crlcache import CrlCache, CrlOlder
 from .keys import Keyring, OwnKey
 from .state import ClientState
 
 log = logging.getLogger("msg_relay.client")
 DIRECTORY_CACHE = 256  # directory answers kept for the rest of one command
+# msg-client watch: a ping after this many seconds without an event (a dead relay is noticed, and the
+# relay's idle timeout of 300 s never closes a watcher); CRLs and directory answers are taken afresh
+# after REFRESH seconds; a lost connection is retried after RETRY[0] seconds, doubling up to RETRY[1].
+KEEPALIVE = 60.0
+REFRESH = 300.0
+RETRY = (0.5, 30.0)
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,19 @@ class OtherDevice(ClientError):
 
 class NoRecipientKey(ClientError):
     """The recipient has not published a usable encryption key: nothing can be sealed for it."""
+
+
+class PartlySent(ClientError):
+    """The relay refused some copies of a message to several recipients (after the client had checked
+    every one): which were stored and which not, and why, are in the message."""
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A message ``watch --open`` could not show: it stays unread in the queue."""
+
+    num: int
+    error: VerificationError
 
 
 class Mailbox:
@@ -223,6 +246,127 @@ class Mailbox:
         self.state.add_receipt(receipt)
         return receipt
 
+    async def send_many(self, recipients: list[str], subject: str, body: bytes) -> list[Receipt]:
+        """One message to several recipients (version 4 envelope), one receipt each, in order.
+
+        Every recipient's certificate and key record is checked before anything is sent: if one is
+        unknown, revoked or without a key, nothing is sent and the error names it. The copies then go
+        in one pipelined write, so the relay stores them in one group commit."""
+        if len(recipients) == 1:
+            return [await self.send(recipients[0], subject, body)]
+        await self._prefetch_directory(recipients)
+        copies = []
+        for uid in recipients:
+            try:
+                record = await self.recipient_key(uid)
+            except RemoteError as exc:
+                raise ClientError(f"cannot send to {uid}: {exc.message}: nothing sent") from None
+            copies.append(Copy(uid, secrets.token_hex(16), record))
+        sealed = seal_many(self.uid, utc_now(), subject, body, copies, self.client.keystore.key)
+        outcomes = await self._submit_many(copies, sealed)
+        receipts, refused = [], []
+        for c, s, outcome in zip(copies, sealed, outcomes, strict=True):
+            if isinstance(outcome, RemoteError):
+                refused.append(f"{c.uid} ({outcome.message})")
+                continue
+            await self._check_receipt(outcome)
+            if (outcome.msg_id, outcome.sender, outcome.recipient, outcome.digest) != \
+                    (c.msg_id, self.uid, c.uid, ciphertext_digest(s)):
+                raise VerificationError(f"receipt for {c.uid} does not match the message sent")
+            self.state.add_receipt(outcome)
+            receipts.append(outcome)
+        if refused:
+            stored = ", ".join(r.recipient for r in receipts) or "no one"
+            raise PartlySent(f"the relay refused the copy for {'; '.join(refused)}; sent to {stored}")
+        return receipts
+
+    async def _prefetch_directory(self, uids: list[str]) -> None:
+        """The directory entries of ``uids`` in one pipelined round trip (kept for the rest of the command)."""
+        wanted = [u for u in uids if (u, None) not in self._directory][:DIRECTORY_CACHE - len(self._directory)]
+        results = await self.client.pipeline([DirectoryRequest(self.client.next_id(), u) for u in wanted])
+        for uid, result in zip(wanted, results, strict=True):
+            if isinstance(result, DirectoryResult):
+                self._directory[(uid, None)] = result
+            elif isinstance(result, ClientError):
+                raise result
+
+    async def _submit_many(self, copies: list[Copy], sealed: list[Sealed]) -> list[Receipt | RemoteError]:
+        """All copies pipelined; after a lost connection all again (same msg_ids) through the next node."""
+        for attempt in range(len(self.client.nodes)):
+            requests = [self.client.send_request(c.uid, c.msg_id, s) for c, s in zip(copies, sealed, strict=True)]
+            results = await self.client.pipeline(requests)
+            lost = next((r for r in results if isinstance(r, ConnectionLost)), None)
+            if lost is None or attempt == len(self.client.nodes) - 1:
+                break
+            log.info("send lost (%s): trying the next node", lost)
+            await self.client.failover()
+            self._check_relay(await self.policy())
+        out: list[Receipt | RemoteError] = []
+        for r in results:
+            if isinstance(r, ClientError):
+                raise r
+            out.append(r if isinstance(r, RemoteError) else r.receipt)  # type: ignore[union-attr]
+        return out
+
+    async def watch(self, on_line: Callable[[QueueLine], None], on_message: Callable[[ReadMessage | Unreadable], None],
+                    *, open_messages: bool = False, keepalive: float = KEEPALIVE, refresh: float = REFRESH,
+                    retry: tuple[float, float] = RETRY) -> None:
+        """Show what is unread, then every new message the moment the relay announces it; runs until
+        cancelled. A lost connection is made again (through the next node of a cluster) with backoff.
+
+        Subscribe first, list second: a message stored in between is in the list, and one stored after
+        is announced. Only numbers above the last one shown are listed, so a reconnection neither
+        misses a message nor shows one twice."""
+        loop = asyncio.get_running_loop()
+        shown = 0
+        wait = retry[0]
+        while True:
+            try:
+                await self.client.subscribe()
+                fresh_until = loop.time() + refresh
+                while True:
+                    for entry in await self.client.queue(after=shown):
+                        await self._show(entry, on_line, on_message, open_messages)
+                        shown = entry.num
+                    wait = retry[0]
+                    if not await self.client.wait_queued(shown, keepalive):
+                        await self.client.ping()
+                    if loop.time() > fresh_until:
+                        self._forget()  # a CRL published meanwhile applies to what comes next
+                        fresh_until = loop.time() + refresh
+            except ConnectionLost as exc:
+                log.warning("%s: connecting again in %.1f s", exc, wait)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, retry[1])
+                try:
+                    await self.client.failover()
+                except ConnectionLost as again:
+                    log.warning("%s", again)
+                    continue
+                except ServerRejected:
+                    raise
+                self._forget()
+                self._check_relay(await self.policy())
+
+    async def _show(self, entry: QueueEntry, on_line: Callable[[QueueLine], None],
+                    on_message: Callable[[ReadMessage | Unreadable], None], open_messages: bool) -> None:
+        if not open_messages:
+            on_line(await self._queue_line(entry))
+            return
+        try:
+            on_message(await self.read(entry.num))
+        except VerificationError as exc:
+            on_message(Unreadable(entry.num, exc))
+        except RemoteError as exc:
+            if exc.code != "unknown_message":
+                raise
+            # read and marked by another device of ours meanwhile: nothing to show
+
+    def _forget(self) -> None:
+        """Drop what this command learnt from the relay (CRLs checked, directory answers)."""
+        self._policy = None
+        self._directory.clear()
+
     async def _submit(self, to: str, msg_id: str, sealed: Sealed) -> Receipt:
         """Submit, and after a lost connection submit the very same bytes under the same msg_id through
         the next node: the relay's (sender, msg_id) idempotency returns the first receipt if the lost
@@ -247,7 +391,7 @@ class Mailbox:
             await self._check_receipt(r)
             if (r.msg_id, r.sender, r.recipient, r.queue_number) != (e.msg_id, e.sender, self.uid, e.num):
                 raise VerificationError("receipt does not match the queue entry")
-            if e.envelope_version != ENVELOPE_V3:
+            if e.envelope_version not in SIGNED_SUBJECT_VERSIONS:
                 raise VerificationError("subject not signed (an envelope older than version 3)")
             cert, _ = await self.validated_certificate(e.sender, r.server_time, e.sender_cert)
             subject = read_subject(e.envelope_version, e.header, reader=self.uid, sender=e.sender, msg_id=e.msg_id,

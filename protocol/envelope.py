@@ -13,6 +13,12 @@ Version 3, what clients send now, seals ``subject || signature`` in the header i
 subject, the signature by the sender over (sender, recipient, msg_id, subject): a subject the relay
 or a thief of its database sealed to the reader's public key is never shown as if the sender wrote it.
 
+Version 4, for a message to several recipients (at most 32), is version 3 with one more thing in the
+sealed envelope: the *roster*, every recipient with the msg_id of its copy. The sender signs the inner
+message once, roster included, and seals it for each recipient separately (HPKE to each one's key,
+``info`` bound to that recipient and copy), so each reader sees who else got the message and cannot be
+fooled about it, and a copy moved to another queue still fails to open.
+
 ``key_id`` names which of the recipient's published keys was used (it rotates keys). The ``info``
 binding makes an envelope fail to open when it is moved to another recipient, or attributed to
 another sender or msg_id. The outer *submission* signature covers (recipient, msg_id, version,
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pki.errors import MsgRelayError
+from pki.identity import is_valid_uid
 from pki.keys import PrivateKey, PublicKey, sign, verify_signature
 
 from . import hpke
@@ -42,7 +49,7 @@ from .encoding import (
     unpack,
 )
 from .errors import ProtocolError
-from .fields import Fields
+from .fields import MSG_ID_RE, Fields
 from .frames import loads_object
 from .keyrecord import KeyRecord
 
@@ -51,7 +58,10 @@ MAX_SUBJECT = 200
 ENVELOPE_V1 = 1
 ENVELOPE_V2 = 2
 ENVELOPE_V3 = 3  # v2 with a sender signature inside the sealed header: the queue shows only signed subjects
-SEALED_VERSIONS = (ENVELOPE_V2, ENVELOPE_V3)
+ENVELOPE_V4 = 4  # v3 for several recipients: the signed inner message names them all (the roster)
+SEALED_VERSIONS = (ENVELOPE_V2, ENVELOPE_V3, ENVELOPE_V4)
+SIGNED_SUBJECT_VERSIONS = (ENVELOPE_V3, ENVELOPE_V4)
+MAX_RECIPIENTS = 32
 KEY_ID_LEN = 8
 
 
@@ -86,6 +96,7 @@ class InnerMessage:
     sent_at: dt.datetime
     subject: str
     body: bytes
+    cc: tuple[str, ...] = ()  # the other recipients of a message to several (version 4)
 
     def to_bytes(self) -> bytes:
         doc = {"from": self.sender, "to": self.recipient, "msg_id": self.msg_id, "sent_at": format_time(self.sent_at),
@@ -176,6 +187,73 @@ def _seal_v1(inner: InnerMessage, sender_key: PrivateKey) -> Sealed:
     return Sealed(ENVELOPE_V1, header, envelope)
 
 
+@dataclass(frozen=True)
+class Copy:
+    """One recipient of a message to several: its UID, the msg_id of its copy and its key record."""
+
+    uid: str
+    msg_id: str
+    key: KeyRecord
+
+
+def seal_many(sender: str, sent_at: dt.datetime, subject: str, body: bytes, copies: list[Copy],
+              sender_key: PrivateKey) -> list[Sealed]:
+    """Version 4: one signed inner message naming every recipient, sealed for each (one per ``copies``).
+
+    HPKE to each recipient's key rather than one content key wrapped for each: every copy is then an
+    ordinary sealed envelope (its own queue entry, served whole by ``get``, bound to its recipient by
+    ``info``), no new construction is composed, and the cost is the same (each recipient needs one
+    KEM encapsulation either way; the body is at most 1000 bytes)."""
+    if len(body) > MAX_BODY:
+        raise ValueError(f"message body longer than {MAX_BODY} bytes")
+    check_subject(subject)
+    roster = _roster_bytes([(c.uid, c.msg_id) for c in copies])
+    _parse_roster(roster)  # the rules a reader applies: 2..32 distinct recipients, valid ids
+    if any(c.key.uid != c.uid for c in copies):
+        raise ValueError("key record belongs to another user")
+    when = format_time(sent_at)
+    signature = sign(sender_key, _inner_v4_signed(sender, roster, when, subject, body))
+    plain = pack(sender.encode(), roster, when.encode(), subject.encode(), body, signature)
+    out = []
+    for c in copies:
+        ids = (sender, c.uid, c.msg_id)
+        key_id = bytes.fromhex(c.key.key_id)
+        subject_signature = sign(sender_key, _header_signed(*ids, subject))
+        header = key_id + hpke.seal(c.key.kem, c.key.public_key, pack(subject.encode(), subject_signature),
+                                    _info("header", *ids))
+        envelope = key_id + hpke.seal(c.key.kem, c.key.public_key, plain, _info("body", *ids))
+        out.append(Sealed(ENVELOPE_V4, header, envelope))
+    return out
+
+
+def _roster_bytes(roster: list[tuple[str, str]]) -> bytes:
+    return "\n".join(f"{uid} {msg_id}" for uid, msg_id in roster).encode()
+
+
+def _parse_roster(raw: bytes) -> list[tuple[str, str]]:
+    """Every recipient of a version 4 message with its copy's msg_id; ValueError unless 2..32 distinct
+    recipients with valid UIDs and distinct msg_ids."""
+    try:
+        lines = raw.decode("ascii").split("\n")
+    except UnicodeDecodeError:
+        raise ValueError("roster is not ASCII") from None
+    roster = []
+    for line in lines:
+        uid, _, msg_id = line.partition(" ")
+        if not is_valid_uid(uid) or not MSG_ID_RE.fullmatch(msg_id):
+            raise ValueError("roster entry malformed")
+        roster.append((uid, msg_id))
+    if not 2 <= len(roster) <= MAX_RECIPIENTS:
+        raise ValueError(f"roster of {len(roster)} recipients (2 to {MAX_RECIPIENTS})")
+    if len({u for u, _ in roster}) != len(roster) or len({m for _, m in roster}) != len(roster):
+        raise ValueError("roster repeats a recipient or a msg_id")
+    return roster
+
+
+def _inner_v4_signed(sender: str, roster: bytes, sent_at: str, subject: str, body: bytes) -> bytes:
+    return signing_input("inner/v4", sender, roster, sent_at, subject, body)
+
+
 def _open_v2(blob: bytes, part: str, keyring: Keyring | None, ids: tuple[str, str, str]) -> bytes:
     if keyring is None or len(blob) <= KEY_ID_LEN:
         raise VerificationError("sealed message but no key to open it")
@@ -197,7 +275,7 @@ def read_subject(version: int, header: bytes, *, reader: str = "", sender: str =
     message, and ``askqueue`` shows them as unverifiable."""
     if version in SEALED_VERSIONS:
         raw = _open_v2(header, "header", keyring, (sender, reader, msg_id))
-        if version == ENVELOPE_V2:
+        if version not in SIGNED_SUBJECT_VERSIONS:
             return _subject(raw)
         try:
             subject_bytes, signature = unpack(raw, 2)
@@ -230,7 +308,9 @@ def open_envelope(sealed: Sealed, *, reader: str, sender: str, msg_id: str, send
     ``sender`` and ``msg_id`` come from the relay's signed receipt, ``sender_key`` from the sender's
     certificate, which the caller has validated at the receipt's server time.
     """
-    if sealed.version in SEALED_VERSIONS:
+    if sealed.version == ENVELOPE_V4:
+        inner = _open_inner_v4(sealed, reader, sender, msg_id, sender_key, keyring)
+    elif sealed.version in SEALED_VERSIONS:
         inner = _open_inner_v2(sealed, reader, sender, msg_id, sender_key, keyring)
     elif sealed.version == ENVELOPE_V1:
         inner = _open_inner_v1(sealed, sender_key)
@@ -274,6 +354,29 @@ def _open_inner_v2(sealed: Sealed, reader: str, sender: str, msg_id: str, sender
     if not verify_signature(sender_key, signature, _inner_v2_signed(inner)):
         raise VerificationError("inner signature does not verify against the sender's certificate")
     return inner
+
+
+def _open_inner_v4(sealed: Sealed, reader: str, sender: str, msg_id: str, sender_key: PublicKey,
+                   keyring: Keyring | None) -> InnerMessage:
+    """The inner message of a copy for ``reader``: the signed roster must name ``reader`` with this
+    copy's ``msg_id``; the other recipients become ``cc``."""
+    plain = _open_v2(sealed.envelope, "body", keyring, (sender, reader, msg_id))
+    try:
+        f_from, roster_raw, f_sent, f_subject, body, signature = unpack(plain, 6)
+        roster = _parse_roster(roster_raw)
+        sent_at, subject = f_sent.decode(), check_subject(f_subject.decode())
+        inner_sender = f_from.decode()
+        parse_time(sent_at)
+    except (ValueError, UnicodeDecodeError, ProtocolError) as exc:
+        raise VerificationError(f"inner message malformed: {exc}") from None
+    if len(body) > MAX_BODY:
+        raise VerificationError(f"message body longer than {MAX_BODY} bytes")
+    if not verify_signature(sender_key, signature, _inner_v4_signed(inner_sender, roster_raw, sent_at, subject, body)):
+        raise VerificationError("inner signature does not verify against the sender's certificate")
+    if (reader, msg_id) not in roster:
+        raise VerificationError(f"the message's recipients do not include {reader} with this msg_id")
+    return InnerMessage(inner_sender, reader, msg_id, parse_time(sent_at), subject, body,
+                        tuple(uid for uid, _ in roster if uid != reader))
 
 
 # ---------------------------------------------------------------------- the outer submission signature

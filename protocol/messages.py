@@ -196,11 +196,27 @@ class CrlRequest:
         return cls(rid, f.bytes("digest", 32), f.int("offset") if f.has("offset") else 0)
 
 
+@dataclass(frozen=True)
+class SubscribeRequest:
+    """Live delivery: from now on, while the connection lasts, the relay pushes a :class:`QueuedEvent`
+    whenever a message is stored in the caller's queue. Requests go on being answered as before."""
+
+    op: ClassVar[str] = "subscribe"
+    id: RequestId
+
+    def fields(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def parse(cls, rid: RequestId, f: Fields) -> "SubscribeRequest":
+        return cls(rid)
+
+
 Request = Union[SendRequest, QueueRequest, GetRequest, MarkReadRequest, DirectoryRequest, PublishKeyRequest,
-                HelloRequest, CrlListRequest, CrlRequest]
+                HelloRequest, CrlListRequest, CrlRequest, SubscribeRequest]
 REQUEST_TYPES: dict[str, Any] = {t.op: t for t in (SendRequest, QueueRequest, GetRequest, MarkReadRequest,
                                                    DirectoryRequest, PublishKeyRequest, HelloRequest,
-                                                   CrlListRequest, CrlRequest)}
+                                                   CrlListRequest, CrlRequest, SubscribeRequest)}
 
 
 def _check_version(obj: dict[str, Any], rid: RequestId | None) -> None:
@@ -450,12 +466,58 @@ class CrlResult:
                    f.bytes("data", MAX_FRAME_LIMIT))
 
 
+@dataclass(frozen=True)
+class SubscribeResult:
+    def to_wire(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_wire(cls, f: Fields) -> "SubscribeResult":
+        return cls()
+
+
 Result = Union[SendResult, QueueResult, GetResult, MarkReadResult, DirectoryResult, PublishKeyResult, HelloResult,
-               CrlListResult, CrlResult]
+               CrlListResult, CrlResult, SubscribeResult]
 RESULT_TYPES: dict[str, Any] = {"send": SendResult, "queue": QueueResult, "get": GetResult,
                                 "mark_read": MarkReadResult, "directory": DirectoryResult,
                                 "publish_key": PublishKeyResult, "hello": HelloResult, "crls": CrlListResult,
-                                "crl": CrlResult}
+                                "crl": CrlResult, "subscribe": SubscribeResult}
+
+
+# ----------------------------------------------------------------------------------------- events
+@dataclass(frozen=True)
+class QueuedEvent:
+    """Pushed to a subscribed connection: the caller's queue now holds message ``num`` (the newest the
+    relay knows of). It carries no request ``id``, only a number: the client lists its queue after the
+    last number it has shown, so events may be coalesced, repeated or lost (a node restarting) without a
+    message being missed or shown twice, and a relay cannot make a client hold more than one number."""
+
+    kind: ClassVar[str] = "queued"
+    num: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": PROTOCOL_VERSION, "event": self.kind, "num": self.num}
+
+    @classmethod
+    def from_wire(cls, f: Fields) -> "QueuedEvent":
+        return cls(f.int("num", 1))
+
+
+Event = QueuedEvent
+EVENT_TYPES: dict[str, Any] = {QueuedEvent.kind: QueuedEvent}
+
+
+def is_event(obj: dict[str, Any]) -> bool:
+    """Events and responses share the connection: an event has ``event`` and no ``id``."""
+    return "event" in obj and "id" not in obj
+
+
+def parse_event(obj: dict[str, Any]) -> Event | None:
+    """The typed event, None for a kind this client does not know (a newer relay may push more);
+    ProtocolError for a malformed one."""
+    f = Fields(obj)
+    kind = EVENT_TYPES.get(f.str("event", 32))
+    return kind.from_wire(f) if kind is not None else None
 
 
 def ok_response(rid: RequestId, result: Result) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from .session import Session
 from .store import AsyncStore, is_shared, open_backend
 from .tls_alerts import install as install_tls_alert_fix
 from .tls_buffers import install as install_tls_buffers
+from .watchers import Watchers
 
 log = logging.getLogger("msg_relay.server")
 
@@ -93,6 +94,7 @@ class RelayServer:
         # instead of locking out everyone else (slowloris); authenticated ones are capped per UID.
         self._handshaking: dict[asyncio.Task[None], Session] = {}
         self._per_user: dict[str, int] = {}
+        self.watchers = Watchers()  # subscribed sessions, told of each message stored for their user
 
     def _load_trust(self, starting: bool = False) -> None:
         """(Re)read the CRL and build the TLS context and validation policy from it.
@@ -272,6 +274,10 @@ class RelayServer:
         # Clients verify old receipts after the relay's certificate is renewed, and every node's receipts
         # in a cluster: keep every certificate the relay signs with, findable by fingerprint.
         await self.store.backend.add_certificate(MSG_SERVER, server_der)
+        self.store.on_stored = self.watchers.notify  # this node's commits, at once
+        listen = getattr(self.store.backend, "listen", None)
+        if listen is not None:  # a shared database: other nodes' commits too (PostgreSQL NOTIFY)
+            listen(self.watchers.notify, self._resync_watchers)
         self.users = UserRegistry(self.store, shared=is_shared(self.config.db))
         self.handlers = Handlers(self.store, self.users, self.keystore.intermediates(),
                                  self.published_crls, self.config.max_frame,
@@ -287,6 +293,14 @@ class RelayServer:
         await self.share_crls()  # a newer CRL another node holds applies from the first connection on
         self._crl_task = asyncio.get_running_loop().create_task(self._watch_crl())
         self.audit.event("server_started", host=self.config.host, port=self.port)
+
+    async def _resync_watchers(self) -> None:
+        """After the notification channel was (re)opened: tell every watcher its queue's newest number,
+        since a message stored through another node meanwhile sent a notification nobody heard."""
+        uids = self.watchers.uids()
+        if uids:
+            for uid, num in (await self.store.backend.newest_numbers(uids)).items():  # type: ignore[attr-defined]
+                self.watchers.notify(uid, num)
 
     async def enroll(self, directory: Path) -> int:
         """Register the users whose certificates (or unprotected keystores) lie in ``directory``."""

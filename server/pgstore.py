@@ -11,14 +11,19 @@ talks to the server from the event loop, so this store needs no thread. What sev
   reaching two nodes at once resolves to one row and one receipt, and never burns a number.
 * Every send transaction takes its locks in one global order (sender locks sorted, then counter rows
   sorted), so two nodes' batches cannot deadlock whatever senders and recipients they mix.
+* After a commit that stored messages, ``NOTIFY msg_relay_queued`` (sent inside the transaction, so
+  delivered only if it commits) tells every node's listener the recipient and its newest number:
+  a watcher connected to node B learns of a message stored through node A.
 * Migrations are versioned and run under a session advisory lock at start: nodes starting together
   migrate once, and a schema newer than this code is refused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -32,6 +37,8 @@ from protocol.messages import KeyRecordWire, QueueEntry, StoredMessage
 from protocol.receipts import Receipt
 
 from .store import DuplicateMessage, StoreError, StoreOutcome, Submission, stored_receipt
+
+log = logging.getLogger("msg_relay.server")
 
 # Key of the session advisory lock that serialises migrations: b"msgrelay" as a signed 64-bit integer.
 MIGRATION_LOCK = int.from_bytes(b"msgrelay", "big", signed=True)
@@ -88,6 +95,13 @@ ON CONFLICT (recipient) DO UPDATE SET last_num = c.last_num + excluded.last_num
 RETURNING recipient, last_num
 """
 
+# The channel of live delivery; a payload is "<recipient> <newest queue number>" (a UID has no space).
+QUEUED_CHANNEL = "msg_relay_queued"
+_NOTIFY_QUEUED = """
+SELECT pg_notify('msg_relay_queued', r || ' ' || n) FROM unnest($1::text[], $2::bigint[]) AS u(r, n)
+"""
+LISTEN_RETRY = (0.1, 5.0)  # seconds: first and longest wait before the listener connects again
+
 _INSERT_MESSAGE = """
 INSERT INTO messages (recipient, num, sender, msg_id, server_time, envelope_version, header, envelope, digest,
                       receipt, sender_cert)
@@ -116,8 +130,10 @@ class PostgresStore:
     from the pool for its own statement or transaction.
     """
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, dsn: str = "") -> None:
         self._pool = pool
+        self._dsn = dsn
+        self._listener: asyncio.Task[None] | None = None
 
     async def add_messages(self, batch: Sequence[Submission], sign: Callable[[Receipt], Receipt]) -> list[StoreOutcome]:
         """Store a batch in one transaction (group commit); one outcome per submission, in order.
@@ -167,6 +183,8 @@ class PostgresStore:
                                 sub.sender_cert))
             if records:
                 await conn.executemany(_INSERT_MESSAGE, records)
+                newest = {r[0]: r[1] for r in records}  # in number order: the last one per recipient
+                await conn.execute(_NOTIFY_QUEUED, list(newest), list(newest.values()))
         # Committed: now the outcomes, in the batch's order.
         out: list[StoreOutcome] = []
         for i, sub in enumerate(batch):
@@ -274,7 +292,55 @@ class PostgresStore:
     async def schema_version(self) -> int:
         return await _schema_version(self._pool)
 
+    async def newest_numbers(self, uids: Sequence[str]) -> dict[str, int]:
+        """The newest queue number of each of ``uids`` that has one (what a watcher may have missed)."""
+        rows = await self._pool.fetch("SELECT recipient, last_num FROM queue_counters WHERE recipient = ANY($1)",
+                                      list(uids))
+        return {r["recipient"]: int(r["last_num"]) for r in rows}
+
+    def listen(self, on_queued: Callable[[str, int], None], on_resync: Callable[[], Any]) -> None:
+        """Follow ``NOTIFY msg_relay_queued`` from every node on a dedicated connection, for as long as the
+        store is open. The connection is made again (with backoff) when it breaks; ``on_resync`` runs
+        after each (re)connection, since notifications sent meanwhile are lost."""
+        if self._listener is None:
+            self._listener = asyncio.get_running_loop().create_task(self._listen(on_queued, on_resync))
+
+    async def _listen(self, on_queued: Callable[[str, int], None], on_resync: Callable[[], Any]) -> None:
+        def received(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            uid, _, num = payload.rpartition(" ")
+            if uid and num.isdigit():
+                on_queued(uid, int(num))
+
+        wait = LISTEN_RETRY[0]
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self._dsn, server_settings={"application_name": "msg-relay-listen"})
+                lost = asyncio.get_running_loop().create_future()
+                conn.add_termination_listener(lambda _c: lost.done() or lost.set_result(None))
+                await conn.add_listener(QUEUED_CHANNEL, received)
+                wait = LISTEN_RETRY[0]
+                result = on_resync()
+                if asyncio.iscoroutine(result):
+                    await result
+                await lost
+                log.warning("lost the PostgreSQL connection that follows new messages: reconnecting")
+            except _CONNECT_ERRORS as exc:
+                log.warning("cannot follow new messages on PostgreSQL (%s): retrying in %.1f s", exc, wait)
+            finally:
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, LISTEN_RETRY[1])
+
     async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            try:
+                await self._listener
+            except asyncio.CancelledError:
+                pass
+            self._listener = None
         await self._pool.close()
 
 
@@ -329,7 +395,7 @@ async def connect(dsn: str, *, min_size: int = 1, max_size: int = 10, command_ti
         if isinstance(exc, _CONNECT_ERRORS):
             raise StoreError(f"cannot migrate the PostgreSQL schema ({exc})") from None
         raise
-    return PostgresStore(pool)
+    return PostgresStore(pool, dsn)
 
 
 async def migrate_only(dsn: str) -> int:

@@ -23,9 +23,12 @@ from pki.validation import check_profile
 from protocol.errors import ErrorCode, FrameError, ProtocolError
 from protocol.frames import FrameDecoder, decode_payload, encode_frame
 from protocol.messages import (
+    QueuedEvent,
     Request,
     Result,
     SendRequest,
+    SubscribeRequest,
+    SubscribeResult,
     encode_response,
     error_response,
     ok_response,
@@ -44,6 +47,9 @@ READ_CHUNK = 16384  # at most this much read ahead of a peer's unanswered reques
 # Requests decoded ahead of their answers: enough for a group commit of pipelined sends, few enough
 # that a connection which never reads its answers holds only this many.
 BATCH = 32
+# An event is written at once while less than this waits in the connection's write buffer; beyond it,
+# only the newest number is kept and written once the peer reads again (events coalesce).
+EVENT_BACKLOG = 4096
 
 
 def _take(decoder: FrameDecoder, limit: int) -> list[bytes]:
@@ -74,6 +80,9 @@ class Session:
         self.busy = False
         self.aborted = False
         self.last_active = time.monotonic()  # when a request last arrived (who is idle, when the relay is full)
+        self.subscribed = False
+        self._event_num = 0  # the newest queue number announced to this subscriber
+        self._event_task: asyncio.Task[None] | None = None
 
     def abort(self) -> None:
         """Drop the connection at once, without a TLS goodbye (eviction, forced shutdown)."""
@@ -85,8 +94,52 @@ class Session:
             if await self._handshake():
                 await self._serve()
         finally:
+            self._unsubscribe()
             if not self.aborted:
                 await self._close()
+
+    # ------------------------------------------------------------------------------ live delivery
+    def _subscribe(self) -> SubscribeResult:
+        assert self.peer is not None
+        if not self.subscribed:
+            self.subscribed = True
+            self.app.watchers.add(self.peer.uid, self)
+        return SubscribeResult()
+
+    def _unsubscribe(self) -> None:
+        if self.subscribed and self.peer is not None:
+            self.app.watchers.remove(self.peer.uid, self)
+        self.subscribed = False
+        if self._event_task is not None:
+            self._event_task.cancel()
+
+    def queued(self, num: int) -> None:
+        """A message numbered ``num`` was stored for this subscriber: push a ``queued`` event. Never
+        blocks the notifier: a peer that does not read gets the newest number once it reads again."""
+        if num <= self._event_num or self.writer.transport.is_closing():
+            return
+        self._event_num = num
+        if self._event_task is not None:
+            return  # it writes the newest number when it gets to write
+        if self.writer.transport.get_write_buffer_size() < EVENT_BACKLOG:
+            self.writer.write(self._event_frame(num))
+        else:
+            self._event_task = asyncio.get_running_loop().create_task(self._push_events())
+
+    async def _push_events(self) -> None:
+        written = 0
+        try:
+            while written != self._event_num:
+                await self.writer.drain()
+                written = self._event_num
+                self.writer.write(self._event_frame(written))
+        except (OSError, ssl.SSLError):
+            return  # the connection broke: the serve loop sees it on its next read or write
+        finally:
+            self._event_task = None
+
+    def _event_frame(self, num: int) -> bytes:
+        return encode_frame(QueuedEvent(num).to_wire(), self.app.config.max_frame)
 
     async def _close(self) -> None:
         self.writer.close()
@@ -262,6 +315,8 @@ class Session:
             if admitted is not None:
                 assert isinstance(req, SendRequest)
                 result: Result = await self.app.handlers.stored(req, admitted)
+            elif isinstance(req, SubscribeRequest):
+                result = self._subscribe()
             else:
                 result = await self.app.handlers.handle(req, self.peer)
             self.app.audit.event("request", peer=self.addr, uid=self.peer.uid, op=req.op, result="ok",

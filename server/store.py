@@ -344,6 +344,8 @@ class AsyncStore:
     def __init__(self, backend: "Backend | MessageStore", sign: Callable[[Receipt], Receipt]) -> None:
         self.backend: Backend = ThreadedStore(backend) if isinstance(backend, MessageStore) else backend
         self.sign = sign
+        # Told (recipient, newest number) after each commit that stored messages: live delivery.
+        self.on_stored: Callable[[str, int], None] | None = None
         self._queue: list[tuple[Submission, asyncio.Future[tuple[Receipt, bool]]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -371,6 +373,7 @@ class AsyncStore:
                         if not fut.done():
                             fut.set_exception(exc)
                     continue
+                self._announce(outcomes)
                 for (_, fut), outcome in zip(batch, outcomes, strict=True):
                     if fut.done():
                         continue  # the caller went away; the message is stored all the same
@@ -380,6 +383,17 @@ class AsyncStore:
                         fut.set_result(outcome)
         finally:
             self._flusher = None
+
+    def _announce(self, outcomes: list[StoreOutcome]) -> None:
+        if self.on_stored is None:
+            return
+        newest: dict[str, int] = {}
+        for outcome in outcomes:
+            if not isinstance(outcome, Exception) and outcome[1]:
+                receipt = outcome[0]
+                newest[receipt.recipient] = max(receipt.queue_number, newest.get(receipt.recipient, 0))
+        for uid, num in newest.items():
+            self.on_stored(uid, num)
 
     async def close(self) -> None:
         await self.backend.close()

@@ -1,0 +1,72 @@
+"""Live delivery across the nodes of a cluster (issue 13): PostgreSQL ``LISTEN/NOTIFY``."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from client.connection import RelayClient
+from pki.keystore import load_keystore, save_keystore
+
+from .harness import RelayProcess, private_pki, private_relay, run_client
+from .test_live import LINE
+from .watching import WatchProcess
+
+
+def test_a_message_stored_through_node_a_reaches_a_watcher_on_node_b(tmp_path, pg_dsn):
+    ca = private_pki(tmp_path, ("ANNA", "BEN"))
+    save_keystore(tmp_path / "node-b.p12", ca.issue("MSG_SERVER", server=True, cn="node-b"), None)
+    a = RelayProcess(tmp_path, tmp_path, db=pg_dsn, name="a")
+    b = RelayProcess(tmp_path, tmp_path, p12=tmp_path / "node-b.p12", db=pg_dsn, name="b")
+    a.start()
+    b.start()
+    watch = None
+    try:
+        at_a, at_b = f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"
+        for uid in ("ANNA", "BEN"):
+            assert run_client(at_a, tmp_path / f"{uid}.p12", "askqueue", state=tmp_path / "st" / uid).code == 0
+        watch = WatchProcess(at_b, tmp_path, "BEN")
+        for n, subject in enumerate(("first through A", "second through A"), start=1):
+            sent = run_client(at_a, tmp_path / "ANNA.p12", "send", "BEN", subject, stdin=b"x",
+                              state=tmp_path / "st" / "ANNA")
+            assert sent.code == 0, sent.err
+            line = LINE.match(watch.next_line())
+            assert line and line.groups() == (str(n), "ANNA", subject)
+        assert watch.interrupt() == 0
+    finally:
+        if watch is not None:
+            watch.kill()
+        for node in (a, b):
+            node.kill()
+
+
+def test_a_node_that_missed_notifications_tells_its_watchers_when_it_listens_again(tmp_path, pg_dsn):
+    """A message another node stored while this node's listener was away sent a NOTIFY nobody heard:
+    once listening again, the node reads its watchers' newest numbers and tells them."""
+    private_pki(tmp_path, ("BEN",))
+    server = private_relay(tmp_path, db=pg_dsn)
+
+    async def scenario() -> None:
+        store = load_keystore(tmp_path / "BEN.p12")
+        async with RelayClient(store, "127.0.0.1", server.port, store.ca_certificates()) as ben:
+            await ben.subscribe()
+            await server.until(lambda relay: len(relay.watchers) == 1, "BEN subscribed")
+            db = await asyncpg.connect(pg_dsn)
+            try:  # a number taken with no NOTIFY: what a lost notification looks like to this node
+                await db.execute("INSERT INTO queue_counters (recipient, last_num) VALUES ('BEN', 7)"
+                                 " ON CONFLICT (recipient) DO UPDATE SET last_num = 7")
+                assert ben.queued_num == 0
+                # The node's listening connection breaks (a database restart, a network cut).
+                killed = await db.fetchval("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                                           " WHERE datname = current_database() AND application_name = 'msg-relay-listen'")
+                assert killed == 1
+            finally:
+                await db.close()
+            assert await ben.wait_queued(0, 30)
+            assert ben.queued_num == 7
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
