@@ -233,12 +233,8 @@ def _roster_bytes(roster: list[tuple[str, str]]) -> bytes:
 def _parse_roster(raw: bytes) -> list[tuple[str, str]]:
     """Every recipient of a version 4 message with its copy's msg_id; ValueError unless 2..32 distinct
     recipients with valid UIDs and distinct msg_ids."""
-    try:
-        lines = raw.decode("ascii").split("\n")
-    except UnicodeDecodeError:
-        raise ValueError("roster is not ASCII") from None
     roster = []
-    for line in lines:
+    for line in raw.decode("latin-1").split("\n"):  # UIDs and msg_ids are ASCII: anything else fails below
         uid, _, msg_id = line.partition(" ")
         if not is_valid_uid(uid) or not MSG_ID_RE.fullmatch(msg_id):
             raise ValueError("roster entry malformed")

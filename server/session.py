@@ -101,9 +101,8 @@ class Session:
     # ------------------------------------------------------------------------------ live delivery
     def _subscribe(self) -> SubscribeResult:
         assert self.peer is not None
-        if not self.subscribed:
-            self.subscribed = True
-            self.app.watchers.add(self.peer.uid, self)
+        self.subscribed = True
+        self.app.watchers.add(self.peer.uid, self)  # a set: subscribing twice is subscribing once
         return SubscribeResult()
 
     def _unsubscribe(self) -> None:

@@ -10,6 +10,7 @@ import pytest
 from client.connection import ClientError, RelayClient
 from pki.keystore import load_keystore
 from protocol.errors import ProtocolError
+from protocol.frames import decode_payload
 from protocol.messages import (
     GetRequest,
     HelloRequest,
@@ -160,3 +161,103 @@ def test_a_flood_of_events_is_held_as_one_number():
     assert client.queued_num == 10_000
     with pytest.raises(ClientError):
         client._on_event({"v": 1, "event": "queued", "num": True})
+
+
+def test_a_watcher_pings_an_idle_relay_and_reconnects_to_one_that_stops_answering(tmp_path):
+    """A watch with nothing to show pings the relay (an idle connection is not closed by the relay's idle
+    timeout, and a dead relay is noticed); when the ping is not answered, it connects and subscribes again."""
+    from client.mailbox import Mailbox
+    from client.state import ClientState
+    from pki.validation import TrustPolicy
+
+    from .hostile_relay import HostileRelay, Later
+
+    private_pki(tmp_path, ("BEN",))
+    with HostileRelay(tmp_path) as relay:
+        relay.enroll("BEN")
+        relay.answers["subscribe"] = lambda obj, uid: ok_response(obj["id"], SubscribeResult())
+        hellos = 0
+
+        def hello(obj, uid):  # type: ignore[no-untyped-def]
+            nonlocal hellos
+            hellos += 1  # the connection's own hello, then pings: the third is never answered in time
+            return relay.honest(obj, uid) if hellos != 3 else Later(60, relay.honest(obj, uid))
+
+        relay.answers["hello"] = hello
+
+        async def scenario() -> None:
+            store = load_keystore(tmp_path / "BEN.p12")
+            client = RelayClient(store, "127.0.0.1", relay.port, store.ca_certificates(), timeout=1.0)
+            mailbox = Mailbox(client, ClientState(tmp_path / "st"), TrustPolicy(store.ca_certificates(), []),
+                              require_crl=False)
+            watching = asyncio.ensure_future(mailbox.watch(print, print, keepalive=0.05, retry=(0.01, 0.05)))
+            try:
+                deadline = asyncio.get_running_loop().time() + 30
+                while len(relay.ops("subscribe")) < 2:
+                    assert not watching.done(), watching.exception()
+                    assert asyncio.get_running_loop().time() < deadline, "the watcher did not subscribe again"
+                    await asyncio.sleep(0.01)
+            finally:
+                watching.cancel()
+                await client.close()
+
+        asyncio.run(scenario())
+        assert hellos >= 3
+
+
+def test_a_closed_subscriber_is_forgotten(world, tmp_path):
+    async def scenario() -> None:
+        store = load_keystore(tmp_path / "BEN.p12")
+        async with RelayClient(store, "127.0.0.1", world.port, store.ca_certificates()) as ben:
+            await ben.subscribe()
+            await ben.subscribe()  # twice is once
+            await world.until(lambda relay: len(relay.watchers) == 1 and relay.watchers.uids() == ["BEN"],
+                              "BEN subscribed once")
+        await world.until(lambda relay: len(relay.watchers) == 0, "BEN forgotten after closing")
+
+    asyncio.run(scenario())
+
+
+def test_a_subscriber_that_does_not_read_gets_the_newest_number_once_it_reads():
+    """Events for a peer that does not read are not queued up: one number waits, the newest."""
+    from server.session import EVENT_BACKLOG, Session
+
+    class Transport:
+        def __init__(self) -> None:
+            self.buffered = EVENT_BACKLOG  # the peer is not reading
+            self.written: list[bytes] = []
+
+        def is_closing(self) -> bool:
+            return False
+
+        def get_write_buffer_size(self) -> int:
+            return self.buffered
+
+    class Writer:
+        def __init__(self) -> None:
+            self.transport = Transport()
+            self.reading = asyncio.Event()
+
+        def write(self, data: bytes) -> None:
+            self.transport.written.append(data)
+
+        async def drain(self) -> None:
+            await self.reading.wait()
+
+    async def scenario() -> list[bytes]:
+        session = Session.__new__(Session)
+        session.writer = Writer()  # type: ignore[assignment]
+        session.app = type("App", (), {"config": type("Config", (), {"max_frame": 9999})()})()  # type: ignore[assignment]
+        session._event_num, session._event_task = 0, None
+        for n in range(1, 1001):
+            session.queued(n)
+        session.queued(7)  # an older number changes nothing
+        await asyncio.sleep(0)
+        assert session.writer.transport.written == []  # type: ignore[attr-defined]
+        session.writer.reading.set()  # type: ignore[attr-defined]
+        while session._event_task is not None:
+            await asyncio.sleep(0)
+        return session.writer.transport.written  # type: ignore[attr-defined, no-any-return]
+
+    written = asyncio.run(scenario())
+    assert [decode_payload(w[4:]) for w in written] == [{"v": 1, "event": "queued", "num": 1000}]

@@ -221,3 +221,24 @@ def test_an_alias_names_a_group_wherever_a_uid_goes(world, tmp_path):
     assert anna("alias", "list").out == ""
     gone = anna("alias", "rm", "TEAM")
     assert gone.code == 1 and gone.err.strip() == "msg-client: no alias 'TEAM'"
+
+
+def test_copies_the_relay_refuses_are_named_with_those_it_stored(tmp_path):
+    """The client checked every recipient, but the relay may still refuse a copy (BEN's queue is full):
+    the user learns which recipients got the message and which did not, and why."""
+    from server.quota import QuotaConfig
+
+    private_pki(tmp_path, ("ANNA", "BEN", "CARL"))
+    server = private_relay(tmp_path, quota=QuotaConfig(max_unread=1))
+    try:
+        for uid in ("ANNA", "BEN", "CARL"):
+            assert private_client(server, tmp_path, uid, "askqueue").code == 0
+        assert private_client(server, tmp_path, "ANNA", "send", "BEN", "fills BEN's queue", stdin=b"x").code == 0
+        r = private_client(server, tmp_path, "ANNA", "send", "BEN,CARL", "to both", stdin=b"x")
+        assert r.code == 1 and r.err.count("\n") == 1, r.err
+        assert r.err.startswith("msg-client: the relay refused the copy for BEN (") and r.err.strip().endswith(
+            "; sent to CARL"), r.err
+        assert ":to both" in private_client(server, tmp_path, "CARL", "askqueue").out
+        assert len(private_client(server, tmp_path, "ANNA", "receipts").out.splitlines()) == 2  # CARL's kept
+    finally:
+        server.stop()
