@@ -879,7 +879,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="duration of each throughput run")
     p.add_argument("--quick", action="store_true", help="smaller figures for a smoke run")
     p.add_argument("--out", default=str(ROOT / "bench"))
-    p.add_argument("--only", choices=["flood", "scaleout", "memory"],
+    p.add_argument("--only", choices=["flood", "scaleout", "memory", "live"],
                    help="run one row and print it; bench/results.json and the plot are left as they are")
     p.add_argument("--pg", default=PG_ADMIN_DSN, metavar="DSN",
                    help="PostgreSQL for the scale-out rows, as a user that may create databases: each measurement "
@@ -916,6 +916,13 @@ def main() -> int:
             relay.stop()
             ref.stop()
         print(json.dumps(results["memory"], indent=2))
+        return 0
+    if args.only == "live":
+        from bench_live import live, live_rows  # imports this module by name: only when asked for
+
+        results["live"] = live(world, tmp, args.pg, tmp / "state")
+        print(json.dumps(results["live"], indent=2))
+        print(table([SUMMARY_HEADER, *live_rows(results["live"])]))
         return 0
     if args.only == "scaleout":
         results["scaleout"] = scaleout(world, tmp, secs, args.pg, lambda what: None)
