@@ -26,19 +26,26 @@ def test_a_message_stored_through_node_a_reaches_a_watcher_on_node_b(tmp_path, p
         at_a, at_b = f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"
         for uid in ("ANNA", "BEN"):
             assert run_client(at_a, tmp_path / f"{uid}.p12", "askqueue", state=tmp_path / "st" / uid).code == 0
-        watch = WatchProcess(at_b, tmp_path, "BEN")
-        for n, subject in enumerate(("first through A", "second through A"), start=1):
+        watch = WatchProcess(f"{at_b},{at_a}", tmp_path, "BEN")
+
+        def send_and_see(n: int, subject: str) -> None:
             sent = run_client(at_a, tmp_path / "ANNA.p12", "send", "BEN", subject, stdin=b"x",
                               state=tmp_path / "st" / "ANNA")
             assert sent.code == 0, sent.err
             line = LINE.match(watch.next_line())
             assert line and line.groups() == (str(n), "ANNA", subject)
+
+        send_and_see(1, "first through A")
+        send_and_see(2, "second through A")
+        b.kill()  # the watcher's node dies: it goes on through A, missing nothing, repeating nothing
+        send_and_see(3, "third, B is down")
         assert watch.interrupt() == 0
     finally:
         if watch is not None:
             watch.kill()
         for node in (a, b):
-            node.kill()
+            if node.proc is not None and node.proc.poll() is None:
+                node.kill()
 
 
 def test_a_node_that_missed_notifications_tells_its_watchers_when_it_listens_again(tmp_path, pg_dsn):
