@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -33,6 +34,8 @@ from protocol.encoding import utc_now
 from .audit import AuditLog
 from .config import ServerConfig
 from .handlers import Handlers, PublishedCrls, UserRegistry
+from .limits import connection_capacity
+from .peer_cache import ProfileCache
 from .session import Session
 from .store import AsyncStore, is_shared, open_backend
 from .tls_alerts import install as install_tls_alert_fix
@@ -266,6 +269,8 @@ class RelayServer:
 
     async def start(self) -> None:
         """Open the store (SQLite, or PostgreSQL for ``--db postgresql://…``), enroll, listen."""
+        self._fit_connections()  # before anything is opened: a limit it cannot hold refuses to start
+        self.profiles = ProfileCache()  # client certificates whose profile checked out, by DER
         server_key = self.keystore.key
         server_der = self.keystore.cert.public_bytes(Encoding.DER)
         signer = cert_fingerprint(server_der)
@@ -292,7 +297,8 @@ class RelayServer:
         self._warn_crl_expiry()
         await self.share_crls()  # a newer CRL another node holds applies from the first connection on
         self._crl_task = asyncio.get_running_loop().create_task(self._watch_crl())
-        self.audit.event("server_started", host=self.config.host, port=self.port)
+        self.audit.event("server_started", host=self.config.host, port=self.port,
+                         max_connections=self.config.max_connections, open_files=self.open_files)
 
     async def _resync_watchers(self) -> None:
         """After the notification channel was (re)opened: tell every watcher its queue's newest number,
@@ -334,6 +340,17 @@ class RelayServer:
         except KeystoreError:
             return []  # protected keystores are not enrolled (no one to ask for the password)
         return [store.cert, *store.chain]
+
+    def _fit_connections(self) -> None:
+        """Raise the open-file limit to the hard limit and make ``max_connections`` fit in it: a
+        ``--max-connections`` that cannot is refused (ConnectionLimitError), the default is lowered to
+        what fits, with a warning (server/limits.py)."""
+        capacity = connection_capacity(self.config.max_connections, self.config.strict_max_connections)
+        self.open_files = capacity.open_files
+        if capacity.lowered is not None:
+            log.warning(capacity.lowered)
+            self.audit.event("connection_limit_lowered", reason=capacity.lowered)
+            self.config = replace(self.config, max_connections=capacity.connections)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         cfg = self.config

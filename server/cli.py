@@ -50,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users-dir",
                    help="enroll the users whose certificates or keystores lie in this directory (default: none; "
                         "users are known once they connect)")
-    p.add_argument("--max-connections", type=int, default=d.max_connections,
-                   help="connections at once (default: %(default)s)")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help=f"connections at once; the relay raises its open-file limit to the hard limit and refuses "
+                        f"to start if that cannot hold them (default: {d.max_connections}, or as many as the "
+                        f"open-file limit holds, with a warning)")
     p.add_argument("--max-handshakes", type=int, default=d.max_handshakes,
                    help="connections allowed in the TLS handshake at once; the oldest is dropped beyond "
                         "(default: %(default)s)")
@@ -80,7 +82,8 @@ def _refusal(args: argparse.Namespace) -> str | None:
     """The one line that says why these options cannot run, checked before anything is opened."""
     if not 0 <= args.port <= 65535:
         return f"--port must be 0-65535, not {args.port}"
-    if min(args.max_connections, args.max_handshakes, args.max_per_user) < 1:
+    connections = ServerConfig.max_connections if args.max_connections is None else args.max_connections
+    if min(connections, args.max_handshakes, args.max_per_user) < 1:
         return "--max-connections, --max-handshakes and --max-per-user must be at least 1"
     if min(args.max_sends_per_minute, args.max_unread, args.max_unread_bytes) < 1:
         return "--max-sends-per-minute, --max-unread and --max-unread-bytes must be at least 1"
@@ -143,7 +146,10 @@ def _serve(args: argparse.Namespace, audit: AuditLog) -> int:
                           crl=None if args.no_crl else args.crl, no_crl=args.no_crl,
                           crl_warn_days=args.crl_warn_days,
                           host=args.host, port=args.port, db=args.db, log_file=args.log_file,
-                          users_dir=args.users_dir, max_connections=args.max_connections,
+                          users_dir=args.users_dir,
+                          max_connections=ServerConfig.max_connections if args.max_connections is None
+                          else args.max_connections,
+                          strict_max_connections=args.max_connections is not None,
                           max_handshakes=args.max_handshakes, max_per_user=args.max_per_user,
                           max_frame=args.max_frame, idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout,
                           handshake_timeout=args.handshake_timeout,

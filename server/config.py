@@ -11,6 +11,7 @@ from protocol.frames import MAX_FRAME
 from .quota import QuotaConfig
 
 DEFAULT_PORT = 7777
+DEFAULT_MAX_CONNECTIONS = 10_000
 
 
 @dataclass
@@ -25,7 +26,11 @@ class ServerConfig:
     db: str = "relay.db"
     log_file: str | None = None
     users_dir: str | None = None
-    max_connections: int = 1000
+    # Connections at once. Idle ones cost ~43 KiB each (server/tls_buffers.py), so 10 000 watchers fit one node.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    # --max-connections was given: refuse to start when the open-file limit cannot hold that many, instead
+    # of holding fewer (with a warning) as the default does (RelayServer.start).
+    strict_max_connections: bool = False
     max_handshakes: int = 64
     max_per_user: int = 8  # a user's own connections; far below max_connections, so a few users cannot fill it
     max_frame: int = MAX_FRAME

@@ -21,6 +21,7 @@ talks to the server from the event loop, so this store needs no thread. What sev
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -107,6 +108,11 @@ INSERT INTO messages (recipient, num, sender, msg_id, server_time, envelope_vers
                       receipt, sender_cert)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
 """
+
+
+def _settle(done: "asyncio.Future[None]", _conn: object) -> None:
+    if not done.done():
+        done.set_result(None)
 
 
 class StoredCrl(NamedTuple):
@@ -316,8 +322,8 @@ class PostgresStore:
             conn: asyncpg.Connection | None = None
             try:
                 conn = await asyncpg.connect(self._dsn, server_settings={"application_name": "msg-relay-listen"})
-                lost = asyncio.get_running_loop().create_future()
-                conn.add_termination_listener(lambda _c: lost.done() or lost.set_result(None))
+                lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                conn.add_termination_listener(functools.partial(_settle, lost))
                 await conn.add_listener(QUEUED_CHANNEL, received)
                 wait = LISTEN_RETRY[0]
                 result = on_resync()

@@ -15,8 +15,6 @@ import time
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives.serialization import Encoding
-
 from pki.errors import ValidationError
 from pki.tls import peer_certificate
 from pki.validation import check_profile
@@ -37,7 +35,7 @@ from protocol.messages import (
 from protocol.receipts import Receipt
 
 from .handlers import Peer
-from .tls_buffers import limit_writes
+from .tls_buffers import drop_peercert_dict, limit_writes
 
 if TYPE_CHECKING:
     from .app import RelayServer
@@ -143,7 +141,9 @@ class Session:
     async def _close(self) -> None:
         self.writer.close()
         try:
-            await asyncio.wait_for(self.writer.wait_closed(), 2)
+            # asyncio.timeout rather than wait_for: no extra task per closed connection.
+            async with asyncio.timeout(2):
+                await self.writer.wait_closed()
         except (OSError, ssl.SSLError, asyncio.TimeoutError):
             pass  # the peer vanished; nothing left to tell it
 
@@ -165,11 +165,21 @@ class Session:
         except (OSError, EOFError, asyncio.IncompleteReadError) as exc:
             audit.event("connection_rejected", peer=self.addr, reason=f"handshake aborted ({exc.__class__.__name__})")
             return False
-        cert = peer_certificate(self.writer.get_extra_info("ssl_object"))
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        drop_peercert_dict(self.writer.transport)  # ~2 KiB per connection that nothing reads
+        der: bytes | None = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        # A certificate that passed the profile check before (under the current CRL) is not parsed and
+        # checked again, and its sessions share one parsed copy (server/peer_cache.py); chain, dates and
+        # revocation were checked by OpenSSL in this very handshake.
+        checked = self.app.profiles.get(der, self.app.ssl_context) if der else None
+        cert = checked.cert if checked is not None else peer_certificate(ssl_object)
         try:
             if cert is None:
                 raise ValidationError("no_certificate", "no client certificate")
-            identity = check_profile(cert, "client", cfg.org_unit)
+            if checked is not None:
+                identity = checked.identity
+            else:
+                identity = check_profile(cert, "client", cfg.org_unit)
             if context is not self.app.ssl_context:
                 # The CRL changed while this handshake was under way: OpenSSL checked the old one.
                 self.app.recheck(cert)
@@ -177,6 +187,9 @@ class Session:
             audit.event("connection_rejected", peer=self.addr, reason=str(exc))
             await self._send_and_close(error_response(None, ErrorCode.NOT_AUTHORISED, f"certificate rejected: {exc}"))
             return False
+        assert der is not None  # the certificate was read from it
+        if checked is None:
+            self.app.profiles.put(der, self.app.ssl_context, identity, cert)
         if self.app.refusing:
             # Fail closed, but say why: the client gets the reason instead of a misleading TLS alert.
             audit.event("connection_rejected", peer=self.addr, uid=identity.uid, reason=self.app.refusing)
@@ -188,7 +201,7 @@ class Session:
             return False
         self.peer = Peer(identity.uid, cert)
         limit_writes(self.writer.transport)  # a peer that does not read holds 64 KiB of answers, not 512
-        await self.app.users.remember(identity.uid, cert.public_bytes(Encoding.DER))
+        await self.app.users.remember(identity.uid, der)
         audit.event("connection_accepted", peer=self.addr, uid=identity.uid)
         return True
 
