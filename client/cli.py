@@ -36,8 +36,8 @@ from protocol.errors import ErrorCode
 from protocol.keyrecord import DEFAULT_KEM, KEMS
 from protocol.messages import RemoteError
 
-from .connection import ClientError, RelayClient
 from .aliases import Aliases, split_recipients
+from .connection import ClientError, RelayClient
 from .keys import Keyring
 from .mailbox import Mailbox, QueueLine, ReadMessage, Unreadable
 from .state import ClientState, default_state_dir

@@ -38,9 +38,9 @@ from protocol.messages import (
     HelloResult,
     MarkReadRequest,
     PublishKeyRequest,
+    QueuedEvent,
     QueueEntry,
     QueueRequest,
-    QueuedEvent,
     QueueResult,
     RemoteError,
     Request,
@@ -120,6 +120,24 @@ CRL_WINDOW = 32  # CRL pieces requested at once
 
 # A bound on what a relay can make us hold, whatever its pages say (a relay's own --max-unread is 10 000).
 MAX_QUEUE_ENTRIES = 100_000
+QUEUE_WINDOW = 32  # queue ranges asked for at once (a relay decodes 32 requests ahead)
+
+
+def _advancing(page: QueueResult, after: int, upto: int | None) -> list[QueueEntry]:
+    """The page's entries, after checking that their numbers go up strictly from ``after`` and stay at most
+    ``upto``: a relay that repeats a page, goes back or strays out of the range cannot keep us fetching."""
+    for entry in page.entries:
+        if entry.num <= after:
+            raise ClientError("bad response from the relay: queue pages do not advance")
+        if upto is not None and entry.num > upto:
+            raise ClientError("bad response from the relay: queue entries outside the range asked for")
+        after = entry.num
+    return page.entries
+
+
+def _check_queue_size(n: int) -> None:
+    if n > MAX_QUEUE_ENTRIES:
+        raise ClientError(f"bad response from the relay: more than {MAX_QUEUE_ENTRIES} unread messages listed")
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:
@@ -400,20 +418,58 @@ class RelayClient:
         return result.receipt
 
     async def queue(self, after: int = 0) -> list[QueueEntry]:
+        """Every unread entry numbered above ``after``, in order.
+
+        Pages come one at a time until the relay says it answers ranges (``ranges``); from then on the
+        numbers ahead are asked for QUEUE_WINDOW ranges at a time, each as wide as the last page was long,
+        pipelined: 10 000 entries cost tens of round trips instead of thousands. A window whose last range
+        is empty (the end of the queue, or a gap of read messages) is followed by a page asked for one at a
+        time again. Whatever a relay answers, numbers go up strictly and stay in the range asked for, at
+        most MAX_QUEUE_ENTRIES entries are held and about twice as many requests sent: a relay cannot keep
+        us fetching or growing."""
         entries: list[QueueEntry] = []
+        max_requests = 2 * MAX_QUEUE_ENTRIES + QUEUE_WINDOW
+        sent = 0
+        span = 0  # numbers per range request; 0: ask for the next page on its own
         while True:
-            page = await self.request(QueueRequest(self.next_id(), after))
-            assert isinstance(page, QueueResult)
-            for entry in page.entries:
-                # Numbers only go up: a relay that repeats a page or goes back cannot keep us fetching.
-                if entry.num <= after:
-                    raise ClientError("bad response from the relay: queue pages do not advance")
-                after = entry.num
-            entries += page.entries
-            if len(entries) > MAX_QUEUE_ENTRIES:
-                raise ClientError(f"bad response from the relay: more than {MAX_QUEUE_ENTRIES} unread messages listed")
-            if not page.more or not page.entries:
-                return entries
+            # Each window, and each page asked for on its own, comes back here: the one bound on requests.
+            # (Within a window, a range is asked again only after an answer with entries: MAX_QUEUE_ENTRIES.)
+            if sent > max_requests:
+                raise ClientError("bad response from the relay: queue pages do not end")
+            if span == 0:
+                page = await self.request(QueueRequest(self.next_id(), after))
+                sent += 1
+                assert isinstance(page, QueueResult)
+                entries += _advancing(page, after, None)
+                _check_queue_size(len(entries))
+                if not page.more or not page.entries:
+                    return entries
+                after = entries[-1].num
+                span = len(page.entries) if page.ranges else 0
+                continue
+            ranges = [(after + i * span, after + (i + 1) * span) for i in range(QUEUE_WINDOW)]
+            found: list[list[QueueEntry]] = [[] for _ in ranges]
+            pending = list(enumerate(ranges))
+            while pending:  # a range whose entries outgrew one page is asked again from where it stopped
+                sent += len(pending)
+                results = await self.pipeline([QueueRequest(self.next_id(), lo, hi) for _, (lo, hi) in pending])
+                again = []
+                for (i, (lo, hi)), result in zip(pending, results, strict=True):
+                    if isinstance(result, (RemoteError, ClientError)):
+                        raise result
+                    assert isinstance(result, QueueResult)
+                    found[i] += _advancing(result, lo, hi)
+                    if result.more:
+                        if not result.entries:
+                            raise ClientError("bad response from the relay: queue pages do not advance")
+                        again.append((i, (found[i][-1].num, hi)))
+                _check_queue_size(len(entries) + sum(map(len, found)))
+                pending = again
+            for got in found:
+                entries += got
+            after = ranges[-1][1]
+            if not found[-1]:
+                span = 0  # the end, or a gap: the next page on its own says which
 
     async def subscribe(self) -> None:
         """Ask the relay to push a ``queued`` event for every message stored for us from now on."""

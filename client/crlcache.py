@@ -9,10 +9,10 @@ So a relay can withhold a newer CRL for a while, but never make the client go ba
 from __future__ import annotations
 
 import base64
+import hashlib
 from collections.abc import Sequence
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from pki.validation import trusted_crl
 from protocol.crls import crl_number, issuer_id
@@ -42,15 +42,22 @@ class CrlCache:
         self.state = state
         self._anchors, self._intermediates = list(anchors), list(intermediates)
         self._held: dict[bytes, x509.CertificateRevocationList] = {}
+        self._der: dict[bytes, bytes] = {}  # the DER each held CRL was read from: its digest costs no re-encoding
         for text in state.load_doc(_DOC, {}).values():
             try:
-                crl = x509.load_der_x509_crl(base64.b64decode(text))
+                der = base64.b64decode(text)
+                crl = x509.load_der_x509_crl(der)
             except (ValueError, TypeError):
                 raise StateError(f"{state.dir / _DOC}: corrupt CRL cache (move it away to start afresh)") from None
             self._held[issuer_id(crl.issuer)] = crl
+            self._der[issuer_id(crl.issuer)] = der
 
     def crls(self) -> list[x509.CertificateRevocationList]:
         return list(self._held.values())
+
+    def digests(self) -> list[tuple[x509.CertificateRevocationList, bytes]]:
+        """Each held CRL with the SHA-256 of its DER (what names it in kept verdicts, pki.verdicts)."""
+        return [(crl, hashlib.sha256(self._der[key]).digest()) for key, crl in self._held.items()]
 
     def number(self, issuer: bytes) -> int | None:
         held = self._held.get(issuer)
@@ -59,11 +66,15 @@ class CrlCache:
     def offer(self, der: bytes) -> bool:
         """Keep ``der`` if it is a valid CRL newer than the one held for its CA; True if it was kept.
 
-        Raises CrlRefused for a CRL that is invalid or older than ours (a relay rolling back)."""
+        Raises CrlRefused for a CRL that is invalid or older than ours (a relay rolling back).
+
+        The very bytes of the CRL held for its CA (a ``--crl`` file given on every command, say) were
+        verified when they were kept: their signature and issuer are not checked again, their dates are."""
         try:
             crl = x509.load_der_x509_crl(der)
-            ours = any(c.subject == crl.issuer for c in (*self._anchors, *self._intermediates))
-            trusted = ours and trusted_crl(crl, self._anchors, self._intermediates)
+            same = self._der.get(issuer_id(crl.issuer)) == der
+            ours = same or any(c.subject == crl.issuer for c in (*self._anchors, *self._intermediates))
+            trusted = same or ours and trusted_crl(crl, self._anchors, self._intermediates)
         except ValueError:  # an issuer name that does not parse, say
             raise CrlRefused("the relay sent an unreadable CRL") from None
         if not ours:
@@ -81,8 +92,8 @@ class CrlCache:
             if crl_number(crl) == crl_number(held):
                 return False
         self._held[key] = crl
-        self.state.save_doc(_DOC, {k.hex(): base64.b64encode(c.public_bytes(Encoding.DER)).decode()
-                                   for k, c in self._held.items()})
+        self._der[key] = der
+        self.state.save_doc(_DOC, {k.hex(): base64.b64encode(d).decode() for k, d in self._der.items()})
         return True
 
     async def refresh(self, client: RelayClient) -> None:

@@ -17,6 +17,7 @@ from protocol.keyrecord import DEFAULT_KEM, KEMS, KeyRecord
 from .state import ClientState, StateError
 
 KEY_LIFETIME = dt.timedelta(days=365)
+RENEW_BEFORE = dt.timedelta(days=7)  # a key this close to its expiry is replaced
 _DOC = "keys.json"
 
 
@@ -75,9 +76,14 @@ class Keyring:
     def ensure(self, signer: PrivateKey, kem: str = DEFAULT_KEM) -> OwnKey:
         """The current key, made on first use or when it is about to expire."""
         cur = self.current
-        if cur is None or cur.record.expires - utc_now() < dt.timedelta(days=7):
+        if cur is None or self.due(cur):
             return self.rotate(signer, kem)
         return cur
+
+    @staticmethod
+    def due(key: OwnKey) -> bool:
+        """Whether ``key`` is to be replaced: it expires within a week."""
+        return key.record.expires - utc_now() < RENEW_BEFORE
 
     def resign(self, signer: PrivateKey) -> OwnKey:
         """The current record signed again with ``signer`` (a re-issued certificate's key): the same

@@ -131,14 +131,18 @@ class Mailbox:
 
     async def policy(self) -> TrustPolicy:
         """The trust policy with the newest CRLs: the relay's list is checked once per command, and
-        only a CRL newer than the one held is fetched."""
+        only a CRL newer than the one held is fetched. It reuses the certificate verdicts kept in the
+        state directory (pki.verdicts: each within the dates it depended on, a new CRL a new key)."""
         if self._policy is None:
             await self.crls.refresh(self.client)
             if self.require_crl and not self.crls.crls():
                 # A relay that serves no CRL would otherwise switch revocation checking off for us.
                 raise ClientError("no CRL of the CA to check revocation with (the relay served none): give "
                                   "--crl FILE, or --no-crl to go on without revocation checks")
-            policy = TrustPolicy(self._base.anchors, self.crls.crls(), self._base.org_unit)
+            verdicts = self.state.verdicts()
+            for crl, digest in self.crls.digests():
+                verdicts.note(crl, digest)
+            policy = TrustPolicy(self._base.anchors, self.crls.crls(), self._base.org_unit, verdicts=verdicts)
             self._check_relay(policy)
             self._policy = policy
         return self._policy
@@ -152,6 +156,7 @@ class Mailbox:
             policy.validate(cert, self.client.keystore.intermediates(), role="server")
         except ValidationError as exc:
             raise ClientError(f"the relay's certificate is not valid: {exc}") from None
+        self.state.save_verdicts()
 
     async def ensure_published(self) -> OwnKey:
         """Make our encryption key on first use, and publish it whenever the relay lacks it.
@@ -159,12 +164,22 @@ class Mailbox:
         Our record must verify under our *current* certificate: after a renewal (same UID, new key)
         it is signed again, with the same encryption key, so mail sealed to it stays readable. A
         record on the relay that we did not make and that is not older than ours was published by
-        another device of ours: we refuse to overwrite it and say how to share the key instead."""
+        another device of ours: we refuse to overwrite it and say how to share the key instead.
+
+        What the relay held is remembered in the state directory (``ClientState.published_fresh``): while
+        our key, its record and signature, our certificate and the relay are the ones checked, and for
+        PUBLISHED_TTL (an hour) at most, a command skips this directory round trip. After that, or after
+        any change, the relay is asked again, and a record it lost is published again."""
         signer = self.client.keystore.key
+        held = self.keyring.current
+        relay = ",".join(f"{host}:{port}" for host, port in self.client.nodes)
+        cert_fp = cert_fingerprint(self.client.keystore.cert)
+        if held is not None and not self.keyring.due(held) \
+                and self.state.published_fresh(relay, cert_fp, held.record.to_bytes(), held.signature):
+            return held
         cert_key: PublicKey = self.client.keystore.cert.public_key()  # type: ignore[assignment]
         entry = await self.client.directory(self.uid)
         published = self._published_record(entry)
-        held = self.keyring.current
         # Ours from elsewhere only if our current certificate signed it: a record of an earlier
         # certificate (a renewal, a new CA) is replaced.
         if published is not None and entry.key is not None and published.key_id not in self.keyring.keys \
@@ -181,6 +196,8 @@ class Mailbox:
             key = self.keyring.resign(signer)  # our certificate was re-issued
         if entry.key is None or entry.key.record != key.record.to_bytes() or entry.key.signature != key.signature:
             await self.client.publish_key(key.record.to_bytes(), key.signature)
+        # Only now, the relay having answered: a publish that fails leaves no fact behind.
+        self.state.remember_published(relay, cert_fp, key.record.to_bytes(), key.signature)
         return key
 
     def _published_record(self, entry: DirectoryResult) -> KeyRecord | None:
@@ -224,13 +241,16 @@ class Mailbox:
     def uid(self) -> str:
         return self.client.uid
 
-    async def _check_receipt(self, receipt: Receipt) -> None:
+    async def _check_receipt(self, receipt: Receipt, signature_verified: bool = False) -> None:
         """The receipt is signed by a certificate of MSG_SERVER valid at the receipt's time: the one we
-        are connected to, or an earlier one of the relay's (it renews its certificate too)."""
+        are connected to, or an earlier one of the relay's (it renews its certificate too).
+
+        ``signature_verified``: these very receipt bytes verified before under the certificate they name
+        (a fact kept in the state directory, see SubjectFacts); that certificate is still validated."""
         cert = self.client.server_cert
-        if cert is None or cert_fingerprint(cert) != receipt.signer:
+        if cert is None or self.state.verdicts().fingerprint(cert) != receipt.signer:
             cert, _ = await self.validated_certificate(MSG_SERVER, receipt.server_time, receipt.signer, "server")
-        if not receipt.verify(cert.public_key()):  # type: ignore[arg-type]
+        if not signature_verified and not receipt.verify(cert.public_key()):  # type: ignore[arg-type]
             raise VerificationError("receipt is not signed by the relay (MSG_SERVER)")
 
     async def send(self, to: str, subject: str, body: bytes) -> Receipt:
@@ -382,20 +402,36 @@ class Mailbox:
 
     async def queue(self) -> list[QueueLine]:
         """Unread messages as ``askqueue`` shows them: the time from the relay's signed receipt, the
-        subject only when the sender's signature over it verifies (else ``subject`` is None)."""
-        return [await self._queue_line(e) for e in await self.client.queue()]
+        subject only when the sender's signature over it verifies (else ``subject`` is None).
+
+        What never changes is verified once and kept (SubjectFacts: the receipt's signature, the subject
+        opened and its signature); what may change is checked on every line."""
+        lines = [await self._queue_line(e) for e in await self.client.queue()]
+        self.state.subjects().save()
+        self.state.save_verdicts()
+        return lines
 
     async def _queue_line(self, e: QueueEntry) -> QueueLine:
+        facts = self.state.subjects()
         try:
             r = e.receipt
-            await self._check_receipt(r)
+            key = facts.key(self.uid, e)
+            known = facts.get(key)  # the subject, if these very bytes verified before
+            await self._check_receipt(r, signature_verified=known is not None)
             if (r.msg_id, r.sender, r.recipient, r.queue_number) != (e.msg_id, e.sender, self.uid, e.num):
                 raise VerificationError("receipt does not match the queue entry")
             if e.envelope_version not in SIGNED_SUBJECT_VERSIONS:
                 raise VerificationError("subject not signed (an envelope older than version 3)")
+            # Every time, cached subject or not: the sender's certificate valid at the receipt's time, with
+            # the CRLs of now (a sender revoked since shows as unverifiable).
             cert, _ = await self.validated_certificate(e.sender, r.server_time, e.sender_cert)
-            subject = read_subject(e.envelope_version, e.header, reader=self.uid, sender=e.sender, msg_id=e.msg_id,
-                                   keyring=self.keyring, sender_key=cert.public_key())  # type: ignore[arg-type]
+            if known is None:
+                subject = read_subject(e.envelope_version, e.header, reader=self.uid, sender=e.sender,
+                                       msg_id=e.msg_id, keyring=self.keyring,
+                                       sender_key=cert.public_key())  # type: ignore[arg-type]
+                facts.put(key, subject)
+            else:
+                subject = known
         except VerificationError as exc:
             log.debug("queue entry %d unverifiable: %s", e.num, exc)
             return QueueLine(e.num, e.sender, e.server_time, None)
@@ -406,17 +442,25 @@ class Mailbox:
         """A user's certificate from the directory, validated at ``at`` (now, or a receipt's time).
 
         With ``fingerprint``, the certificate a stored message was sent with: a sender who has renewed
-        a certificate since is still verified against the key that signed the message.
+        a certificate since is still verified against the key that signed the message. Such a chain is
+        kept in the state directory by that fingerprint (``ClientState.known_chain``: the leaf is named
+        by its digest, so it never goes stale), and the directory is not asked for it again; the entry
+        returned then has no key record (callers with a fingerprint use the certificate only). Whatever
+        its source, the chain is validated on every call.
         """
         entry = self._directory.get((uid, fingerprint))
+        kept = None if entry is not None or fingerprint is None else self.state.known_chain(uid, fingerprint)
+        if kept is not None:
+            entry = DirectoryResult(uid, kept, None)
         if entry is None:
             # Once per command: the queue asks for the same sender's certificate again and again. Bounded:
             # a relay listing thousands of distinct certificates must not make us hold them all.
             entry = await self.client.directory(uid, fingerprint)
-            if len(self._directory) < DIRECTORY_CACHE:
-                self._directory[(uid, fingerprint)] = entry
+        if (uid, fingerprint) not in self._directory and len(self._directory) < DIRECTORY_CACHE:
+            self._directory[(uid, fingerprint)] = entry
+        verdicts = self.state.verdicts()
         try:
-            certs = [x509.load_der_x509_certificate(c) for c in entry.chain]
+            certs = [verdicts.certificate(c) for c in entry.chain]
         except ValueError:
             raise VerificationError("directory returned an unreadable certificate") from None
         if not certs:
@@ -429,8 +473,11 @@ class Mailbox:
             raise CertificateRejected(exc.reason, f"certificate of {uid} rejected: {exc}") from None
         if identity.uid != uid:
             raise VerificationError(f"directory certificate is for {identity.uid}, not {uid}")
-        if fingerprint is not None and cert_fingerprint(certs[0]) != fingerprint:
+        if fingerprint is not None and verdicts.fingerprint(certs[0]) != fingerprint:
             raise VerificationError("directory returned another certificate than the one asked for")
+        if fingerprint is not None and kept is None:
+            self.state.remember_chain(uid, fingerprint, entry.chain)
+        self.state.save_verdicts()
         return certs[0], entry
 
     async def read(self, num: int) -> ReadMessage:

@@ -2,19 +2,45 @@
 
 Default location ``$XDG_DATA_HOME/msg-relay/<UID>`` (``~/.local/share/...``), directory 0700, files
 0600, every write atomic. The seen-ids list is what makes a replayed message detectable.
+
+It also keeps what a command verified and the next need not verify again, each with the rule that
+makes it stale (README, "What the client caches and when it is stale"): certificate verdicts
+(``verdicts.json``, see pki.verdicts), certificate chains by fingerprint (``certificates.json``), the
+fact that the relay holds our key record (``published.json``) and queue subjects whose signatures
+verified (``subjects.json``). These are caches: one that cannot be read is started afresh, never trusted
+in part; the files that are not caches (keys, seen ids, key records seen) are refused when corrupt.
 """
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
+import hashlib
 import json
+import logging
 import os
+import struct
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pki.errors import MsgRelayError, PkiError
 from pki.files import read_bytes, write_atomic
 from protocol.fields import Fields
 from protocol.receipts import Receipt
+
+if TYPE_CHECKING:
+    from pki.verdicts import Verdicts
+    from protocol.messages import QueueEntry
+
+log = logging.getLogger("msg_relay.client")
+
+# How long the fact "the relay holds our current key record" is taken without asking the relay again.
+# A relay that lost the record (a database restored from a backup) gets it back within this time.
+PUBLISHED_TTL = dt.timedelta(hours=1)
+CHAINS_KEPT = 256  # certificate chains kept by fingerprint (senders, the relay's earlier certificates)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_MICROSECOND = dt.timedelta(microseconds=1)
+_VERDICTS, _CHAINS, _PUBLISHED, _SUBJECTS = "verdicts.json", "certificates.json", "published.json", "subjects.json"
 
 
 class StateError(MsgRelayError):
@@ -47,6 +73,9 @@ class ClientState:
             os.chmod(self.dir, 0o700)
         except OSError as exc:
             raise StateError(f"{self.dir}: cannot use state directory ({exc.strerror})") from None
+        self._verdicts: Verdicts | None = None
+        self._subjects: SubjectFacts | None = None
+        self._chains: dict[str, list[str]] | None = None
 
     def _load(self, name: str, default: Any) -> Any:
         path = self.dir / name
@@ -115,3 +144,141 @@ class ClientState:
 
     def save_doc(self, name: str, value: Any) -> None:
         self._save(name, value)
+
+    # ----- caches: what was verified once and need not be again (each with its staleness rule) --------
+    def _load_cache(self, name: str, default: Any) -> Any:
+        """A cache file, or ``default`` when it is missing or unreadable: a cache is started afresh, not
+        refused (nothing in it is trusted that is not checked or re-derivable), and rewritten on the next save."""
+        try:
+            value = self._load(name, default)
+        except StateError as exc:
+            log.debug("%s: started afresh", exc)
+            return default
+        return value if isinstance(value, type(default)) else default
+
+    def _save_cache(self, name: str, value: Any) -> None:
+        try:
+            write_atomic(self.dir / name, json.dumps(value, separators=(",", ":")).encode(), mode=0o600)
+        except PkiError as exc:
+            raise StateError(str(exc)) from None
+
+    def verdicts(self) -> "Verdicts":
+        """The certificate verdicts kept here (pki.verdicts: each holds only within the dates it depended
+        on, and a new CRL is a new key); loaded once per command."""
+        if self._verdicts is None:
+            from pki.verdicts import Verdicts
+
+            self._verdicts = Verdicts(self._load_cache(_VERDICTS, {}))
+        return self._verdicts
+
+    def save_verdicts(self) -> None:
+        """Write the verdicts if this command added any."""
+        if self._verdicts is not None and self._verdicts.changed:
+            self._save_cache(_VERDICTS, self._verdicts.to_doc())
+            self._verdicts.changed = False
+
+    def known_chain(self, uid: str, fingerprint: bytes) -> list[bytes] | None:
+        """The certificate chain (DER, leaf first) the directory gave for ``uid``'s certificate with this
+        SHA-256 fingerprint, if kept. Never stale: the leaf is named by its own digest, and whoever uses the
+        chain validates it again (at the time, with the CRLs of the moment)."""
+        if self._chains is None:
+            self._chains = self._load_cache(_CHAINS, {})
+        held = self._chains.get(f"{uid}/{fingerprint.hex()}")
+        if not isinstance(held, list) or not held:
+            return None
+        try:
+            chain = [base64.b64decode(c, validate=True) for c in held]
+        except (TypeError, ValueError):
+            return None
+        return chain if hashlib.sha256(chain[0]).digest() == fingerprint else None
+
+    def remember_chain(self, uid: str, fingerprint: bytes, chain: list[bytes]) -> None:
+        if self._chains is None:
+            self._chains = self._load_cache(_CHAINS, {})
+        key = f"{uid}/{fingerprint.hex()}"
+        if key in self._chains:
+            return
+        self._chains[key] = [base64.b64encode(c).decode() for c in chain]
+        while len(self._chains) > CHAINS_KEPT:
+            self._chains.pop(next(iter(self._chains)))
+        self._save_cache(_CHAINS, self._chains)
+
+    def published_fresh(self, relay: str, cert: bytes, record: bytes, signature: bytes,
+                        now: dt.datetime | None = None) -> bool:
+        """Whether the relay ``relay`` was found holding exactly this key record and signature, made under
+        our certificate ``cert`` (fingerprint), less than PUBLISHED_TTL ago. Stale on any change of key,
+        record, signature, certificate or relay, and after the TTL (the relay may have lost it since)."""
+        fact = self._load_cache(_PUBLISHED, {})
+        checked = fact.get("checked")
+        if fact.get("what") != _published_what(relay, cert, record, signature) or not isinstance(checked, (int, float)):
+            return False
+        age = (now or dt.datetime.now(dt.timezone.utc)).timestamp() - checked
+        return 0 <= age < PUBLISHED_TTL.total_seconds()
+
+    def remember_published(self, relay: str, cert: bytes, record: bytes, signature: bytes) -> None:
+        """The relay holds this record now (we published it, or found it there)."""
+        self._save_cache(_PUBLISHED, {"what": _published_what(relay, cert, record, signature),
+                                      "checked": dt.datetime.now(dt.timezone.utc).timestamp()})
+
+    def subjects(self) -> "SubjectFacts":
+        """Queue subjects verified before (see SubjectFacts); loaded once per command."""
+        if self._subjects is None:
+            self._subjects = SubjectFacts(self, self._load_cache(_SUBJECTS, {}))
+        return self._subjects
+
+
+def _published_what(relay: str, cert: bytes, record: bytes, signature: bytes) -> str:
+    return hashlib.sha256(b"\0".join([relay.encode(), cert, hashlib.sha256(record).digest(),
+                                      hashlib.sha256(signature).digest()])).hexdigest()
+
+
+class SubjectFacts:
+    """Subjects of queue entries whose receipt signature and sender's subject signature verified.
+
+    A signature that verified once verifies forever, and opening a sealed header gives the same subject
+    every time, so the key is a digest of everything those two checks read: the reader, the entry's
+    sender, msg_id, version and header bytes, the receipt's signed bytes and signature (which name the
+    relay certificate that signed it) and the fingerprint of the sender's certificate. What may change
+    is not cached and is checked on every use: the relay certificate and the sender's certificate valid
+    at the receipt's time against the current CRLs (a sender revoked since shows as unverifiable), and
+    the receipt matching the entry. Only the facts of entries in the latest queue are kept."""
+
+    def __init__(self, state: ClientState, doc: dict[str, Any]) -> None:
+        self.state = state
+        held = doc.get("facts")
+        self._facts: dict[str, str] = {k: v for k, v in held.items() if isinstance(v, str)} \
+            if isinstance(held, dict) else {}
+        self._used: set[str] = set()
+        self._changed = False
+
+    @staticmethod
+    def key(reader: str, entry: "QueueEntry") -> str:
+        """The digest of what the two kept checks read. The receipt enters by the fields its signed bytes
+        are made of (its time as whole microseconds, as the signed text has it), not by those bytes:
+        formatting the time costs more than the rest together."""
+        r = entry.receipt
+        micros = (r.server_time - _EPOCH) // _MICROSECOND
+        h = hashlib.sha256(b"msg-relay/subject-fact/v1")
+        for part in (reader.encode(), entry.sender.encode(), entry.msg_id.encode(), b"%d" % entry.envelope_version,
+                     entry.header, r.msg_id.encode(), r.sender.encode(), r.recipient.encode(), r.digest,
+                     b"%d" % micros, b"%d" % r.queue_number, r.signer, r.signature, entry.sender_cert):
+            h.update(struct.pack(">I", len(part)) + part)
+        return h.hexdigest()
+
+    def get(self, key: str) -> str | None:
+        self._used.add(key)
+        return self._facts.get(key)
+
+    def put(self, key: str, subject: str) -> None:
+        self._used.add(key)
+        if self._facts.get(key) != subject:
+            self._facts[key] = subject
+            self._changed = True
+
+    def save(self) -> None:
+        """Keep the facts of the entries used by this command only (the queue just listed), if anything changed."""
+        kept = {k: v for k, v in self._facts.items() if k in self._used}
+        if self._changed or len(kept) != len(self._facts):
+            self._facts = kept
+            self.state._save_cache(_SUBJECTS, {"facts": kept})
+            self._changed = False

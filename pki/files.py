@@ -8,7 +8,6 @@ trusting the file extension.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -38,6 +37,8 @@ def read_bytes(path: str | os.PathLike[str]) -> bytes:
 
 def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` all or nothing, with ``mode`` set before any byte is written."""
+    import tempfile  # here, not at the top: it brings shutil, bz2 and lzma, which reading needs none of
+
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
     try:

@@ -5,7 +5,6 @@ Never from a command-line argument (it would show in ``ps`` and shell history) a
 
 from __future__ import annotations
 
-import getpass
 import os
 import sys
 from dataclasses import dataclass
@@ -44,6 +43,8 @@ class PasswordSource:
         if given is not None:
             return given
         if self.prompt and sys.stdin is not None and sys.stdin.isatty():
+            import getpass  # only when asking: most keystores open without a password
+
             entered = getpass.getpass(f"Password for {what}: ").encode()
             if entered:
                 return entered

@@ -9,9 +9,7 @@ certificate fits the profile, is checked after the handshake with :func:`pki.val
 from __future__ import annotations
 
 import os
-import shutil
 import ssl
-import tempfile
 from collections.abc import Callable, Sequence
 
 from cryptography import x509
@@ -26,8 +24,23 @@ from .validation import crl_covers_anchors
 def _through_private_file(data: bytes, load: Callable[[str], object]) -> None:
     """Hand ``data`` to an ``ssl`` loader that only reads files.
 
-    The file is 0600 in a private 0700 directory and removed as soon as OpenSSL has read it.
+    On Linux the file is an anonymous memory file (``memfd``: never on a disk, no name in any directory,
+    gone when closed), read through ``/proc/self/fd``. Elsewhere it is 0600 in a private 0700 directory
+    and removed as soon as OpenSSL has read it (``tempfile`` and ``shutil`` are imported only then).
     """
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        fd = os.memfd_create("msg-relay-material", os.MFD_CLOEXEC)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            load(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return
+    import shutil
+    import tempfile
+
     private_dir = tempfile.mkdtemp(prefix="msg-relay-")
     try:
         path = os.path.join(private_dir, "material.pem")

@@ -13,13 +13,12 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from OpenSSL import crypto
 
 from .errors import ValidationError
 from .identity import (
@@ -27,10 +26,19 @@ from .identity import (
     MSG_SERVER,
     RESERVED_UIDS,
     Identity,
+    cert_fingerprint,
     cn_of,
     org_units_of,
     uid_of,
 )
+
+if TYPE_CHECKING:
+    from OpenSSL import crypto
+
+    from .verdicts import Verdicts
+
+# pyOpenSSL (about 15 ms to import) is loaded by the first path validation, not by importing this module:
+# a command whose certificates were all validated before (pki.verdicts) never loads it.
 
 Role = Literal["client", "server"]
 ROLES: tuple[Role, ...] = ("client", "server")
@@ -57,6 +65,7 @@ _REASONS: dict[int, tuple[str, str]] = {
 }
 
 _ROLE_EKU = {"client": ExtendedKeyUsageOID.CLIENT_AUTH, "server": ExtendedKeyUsageOID.SERVER_AUTH}
+_VIEWS_KEPT = 1024  # chains whose revocation view one policy keeps (see TrustPolicy._revocations)
 # RFC 5280 §5.3.1: these reasons mean nothing the key ever signed can be trusted, whatever the date.
 _ALWAYS_REVOKED = {x509.ReasonFlags.key_compromise, x509.ReasonFlags.ca_compromise}
 
@@ -144,18 +153,31 @@ def crl_covers_anchors(anchors: Iterable[x509.Certificate], crls: Iterable[x509.
 
 @dataclass
 class TrustPolicy:
-    """The trust anchor(s), the CA's current CRLs and the organisation's OU: what validation needs."""
+    """The trust anchor(s), the CA's current CRLs and the organisation's OU: what validation needs.
+
+    Fixed once made (a new CRL makes a new policy): what it works out per chain is kept for its lifetime."""
 
     anchors: Sequence[x509.Certificate]
     crls: Sequence[x509.CertificateRevocationList] = field(default_factory=tuple)
     org_unit: str | None = DEFAULT_ORG_UNIT
+    # Verdicts reached before on the same inputs (pki.verdicts), reused while they hold; None: none kept.
+    verdicts: "Verdicts | None" = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.anchors:
             raise ValidationError("no_anchor", "no trust anchor (CA certificate) configured")
-        self._anchor_x509 = [crypto.X509.from_cryptography(a) for a in self.anchors]
+        self._anchor_x509: list[Any] | None = None
+        # What the revocation check of a chain depends on (the chain and this policy's CRLs, both fixed),
+        # worked out once per chain: see _revocations.
+        self._revocation_views: dict[tuple[bytes, ...], list[tuple[bool, list[tuple[dt.datetime, Any]]]]] = {}
+        self._crl_signatures: dict[tuple[int, bytes], bool] = {}
+        self._check_all: bool | None = None
 
-    def _store(self, at: dt.datetime | None, with_crls: bool) -> crypto.X509Store:
+    def _store(self, at: dt.datetime | None, with_crls: bool) -> "crypto.X509Store":
+        from OpenSSL import crypto
+
+        if self._anchor_x509 is None:
+            self._anchor_x509 = [crypto.X509.from_cryptography(a) for a in self.anchors]
         store = crypto.X509Store()
         for a in self._anchor_x509:
             store.add_cert(a)
@@ -178,6 +200,8 @@ class TrustPolicy:
         time) validates the path at that time and treats a revocation as effective only from its
         revocation date, unless the reason is a key or CA compromise.
         """
+        from OpenSSL import crypto
+
         store = self._store(at, with_crls=at is None)
         ctx = crypto.X509StoreContext(store, crypto.X509.from_cryptography(cert),
                                       [crypto.X509.from_cryptography(c) for c in untrusted])
@@ -200,28 +224,75 @@ class TrustPolicy:
         return chain
 
     def _check_revocation_at(self, chain: list[x509.Certificate], at: dt.datetime) -> None:
-        check_all = crl_covers_anchors(self.anchors, self.crls)
-        for depth, (cert, issuer) in enumerate(zip(chain, chain[1:], strict=False)):
-            crls = [c for c in self.crls if c.issuer == cert.issuer
-                    and verify_crl_signature(c, issuer)]
-            if not crls:
+        if self._check_all is None:  # fixed for this policy; comparing names costs 15 µs each
+            self._check_all = crl_covers_anchors(self.anchors, self.crls)
+        check_all = self._check_all
+        for depth, (crl_found, revocations) in enumerate(self._revocations(chain)):
+            if not crl_found:
                 if depth == 0 or check_all:
                     raise ValidationError("crl_missing", "no CRL available for the issuing CA")
                 continue
-            for crl in crls:
-                entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
-                if entry is None:
-                    continue
-                reason = _entry_reason(entry)
-                if entry.revocation_date_utc <= at or reason in _ALWAYS_REVOKED:
+            for revocation_date, reason in revocations:
+                if revocation_date <= at or reason in _ALWAYS_REVOKED:
                     where = "" if depth == 0 else f" (CA certificate at depth {depth})"
                     raise ValidationError("revoked", f"certificate is revoked{where}")
 
+    def _revocations(self, chain: list[x509.Certificate]) -> list[tuple[bool, list[tuple[dt.datetime, Any]]]]:
+        """For each certificate of ``chain`` below its anchor: whether a CRL signed by its issuer is held,
+        and the (date, reason) of each revocation of it those CRLs list.
+
+        This depends only on the chain and this policy's CRLs, so it is worked out once per chain and
+        then compared with each time of use: a CRL's signature costs 6 ms and a serial lookup 1 ms with
+        10 000 revocations, which 10 000 queue lines from one sender must not pay 10 000 times."""
+        fingerprint = self.verdicts.fingerprint if self.verdicts is not None else cert_fingerprint
+        key = tuple(fingerprint(c) for c in chain)
+        view = self._revocation_views.get(key)
+        if view is not None:
+            return view
+        view = []
+        for cert, issuer in zip(chain, chain[1:], strict=False):
+            crls = [c for c in self.crls if c.issuer == cert.issuer
+                    and self._crl_signed_by(c, issuer)]
+            revocations = []
+            for crl in crls:
+                entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+                if entry is not None:
+                    revocations.append((entry.revocation_date_utc, _entry_reason(entry)))
+            view.append((bool(crls), revocations))
+        if len(self._revocation_views) >= _VIEWS_KEPT:  # a relay's policy sees every user's chain: bounded
+            self._revocation_views.clear()
+        self._revocation_views[key] = view
+        return view
+
+    def _crl_signed_by(self, crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
+        """:func:`verify_crl_signature`, once per CRL of this policy and issuer (and with ``verdicts``,
+        once per CRL and issuer ever: a signature that verified once verifies forever)."""
+        fingerprint = self.verdicts.fingerprint if self.verdicts is not None else cert_fingerprint
+        key = (id(crl), fingerprint(issuer))  # the policy holds its CRLs: an id stays theirs
+        found = self._crl_signatures.get(key)
+        if found is None:
+            if self.verdicts is not None:
+                found = self.verdicts.crl_signed(crl, issuer, lambda: verify_crl_signature(crl, issuer))
+            else:
+                found = verify_crl_signature(crl, issuer)
+            self._crl_signatures[key] = found
+        return found
+
     def validate(self, cert: x509.Certificate, untrusted: Sequence[x509.Certificate] = (),
                  role: Role = "client", at: dt.datetime | None = None) -> Identity:
-        """Full validation (DESIGN.md §2): path, dates, CA constraints, CRL, then the profile."""
-        self.path(cert, untrusted, at)
-        return check_profile(cert, role, self.org_unit)
+        """Full validation (DESIGN.md §2): path, dates, CA constraints, CRL, then the profile.
+
+        With ``verdicts``, a verdict reached before on the very same inputs is reused while the dates it
+        depended on hold (pki.verdicts); revocation at a past time is checked against these CRLs every time."""
+        if self.verdicts is not None:
+            return self.verdicts.validate(self, cert, untrusted, role, at)
+        return self.validated(cert, untrusted, role, at)[0]
+
+    def validated(self, cert: x509.Certificate, untrusted: Sequence[x509.Certificate] = (),
+                  role: Role = "client", at: dt.datetime | None = None) -> tuple[Identity, list[x509.Certificate]]:
+        """Every check made afresh, nothing reused: the identity and the verified chain (leaf first)."""
+        chain = self.path(cert, untrusted, at)
+        return check_profile(cert, role, self.org_unit), chain
 
 
 def trusted_crl(crl: x509.CertificateRevocationList, anchors: Sequence[x509.Certificate],

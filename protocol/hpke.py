@@ -6,20 +6,27 @@ ML-KEM seed (64) + X25519 private key (32), public ML-KEM key (1184) + X25519 pu
 
 from __future__ import annotations
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hpke
-from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+import functools
+from typing import TYPE_CHECKING
 
 from pki.errors import MsgRelayError
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives import hpke
+
 _MLKEM_SEED, _MLKEM_PUB, _X = 64, 1184, 32
+
+# cryptography's HPKE and ML-KEM are imported by the functions that seal or open, not with this module:
+# most msg-client commands (askqueue with every subject verified before, getmsg of nothing) never do.
 
 
 class HpkeError(MsgRelayError):
     """Sealing or opening failed (wrong key, wrong info, tampered ciphertext, malformed key)."""
 
 
-def _suite(kem: str) -> hpke.Suite:
+def _suite(kem: str) -> "hpke.Suite":
+    from cryptography.hazmat.primitives import hpke
+
     if kem == "X25519":
         return hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
     if kem == "MLKEM768_X25519":
@@ -29,6 +36,8 @@ def _suite(kem: str) -> hpke.Suite:
 
 def generate(kem: str) -> tuple[bytes, bytes]:
     """A fresh key pair as (private bytes, public bytes)."""
+    from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+
     x = x25519.X25519PrivateKey.generate()
     if kem == "X25519":
         return x.private_bytes_raw(), x.public_key().public_bytes_raw()
@@ -40,6 +49,9 @@ def generate(kem: str) -> tuple[bytes, bytes]:
 
 
 def _public(kem: str, data: bytes) -> object:
+    from cryptography.hazmat.primitives import hpke
+    from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+
     try:
         if kem == "X25519" and len(data) == _X:
             return x25519.X25519PublicKey.from_public_bytes(data)
@@ -54,6 +66,8 @@ def _public(kem: str, data: bytes) -> object:
 def check_public(kem: str, data: bytes) -> None:
     """HpkeError unless ``data`` is a well-formed public key for ``kem`` (length, and a usable point):
     a record with a malformed key must be refused where it is read, not crash whoever seals to it."""
+    from cryptography.hazmat.primitives.asymmetric import x25519
+
     _public(kem, data)
     try:
         # A low-order X25519 point (all zeros, say) parses, but no shared secret can be made with it.
@@ -62,7 +76,13 @@ def check_public(kem: str, data: bytes) -> None:
         raise HpkeError(f"malformed {kem} public key (unusable X25519 point)") from None
 
 
+@functools.lru_cache(maxsize=8)
 def _private(kem: str, data: bytes) -> object:
+    """The private key object, made once per key: expanding an ML-KEM seed costs more than a decryption
+    (0.3 ms), and a queue opens thousands of headers sealed to the same one or two keys."""
+    from cryptography.hazmat.primitives import hpke
+    from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+
     try:
         if kem == "X25519" and len(data) == _X:
             return x25519.X25519PrivateKey.from_private_bytes(data)
@@ -82,6 +102,8 @@ def seal(kem: str, public_key: bytes, plaintext: bytes, info: bytes) -> bytes:
 
 
 def open_sealed(kem: str, private_key: bytes, ciphertext: bytes, info: bytes) -> bytes:
+    from cryptography.exceptions import InvalidTag
+
     try:
         return _suite(kem).decrypt(ciphertext, _private(kem, private_key), info=info)  # type: ignore[arg-type]
     except (InvalidTag, ValueError):

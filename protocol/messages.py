@@ -68,18 +68,22 @@ class SendRequest:
 
 @dataclass(frozen=True)
 class QueueRequest:
-    """List the caller's unread messages with a number above ``after`` (one page)."""
+    """List the caller's unread messages with a number above ``after`` (one page); with ``upto``, only
+    those numbered at most ``upto``. Ranges let a client ask for many pages at once (pipelined) instead
+    of one after another: a page's ``after`` no longer has to wait for the page before it. ``upto`` is
+    optional (a relay that predates it ignores it, and says so by not setting ``ranges`` in its answer)."""
 
     op: ClassVar[str] = "queue"
     id: RequestId
     after: int = 0
+    upto: int | None = None
 
     def fields(self) -> dict[str, Any]:
-        return {"after": self.after}
+        return {"after": self.after} | ({"upto": self.upto} if self.upto is not None else {})
 
     @classmethod
     def parse(cls, rid: RequestId, f: Fields) -> "QueueRequest":
-        return cls(rid, f.int("after") if f.has("after") else 0)
+        return cls(rid, f.int("after") if f.has("after") else 0, f.int("upto") if f.has("upto") else None)
 
 
 @dataclass(frozen=True)
@@ -312,11 +316,19 @@ class SendResult:
 
 @dataclass(frozen=True)
 class QueueResult:
+    """One page of the queue. ``more``: ask again after the last entry (within the same ``upto``).
+    ``ranges``: this relay honours ``upto``, so the client may ask for ranges of numbers in parallel
+    (absent from the wire when false: what a relay that predates ranges sends)."""
+
     entries: list[QueueEntry]
     more: bool = False
+    ranges: bool = False
+    # The entries' wire form when the relay has made it already (sizing the page): not made twice.
+    wire: list[dict[str, Any]] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"messages": [e.to_wire() for e in self.entries], "more": self.more}
+        messages = self.wire if self.wire is not None else [e.to_wire() for e in self.entries]
+        return {"messages": messages, "more": self.more} | ({"ranges": True} if self.ranges else {})
 
     @classmethod
     def from_wire(cls, f: Fields) -> "QueueResult":
@@ -326,7 +338,7 @@ class QueueResult:
             if not isinstance(item, dict):
                 raise f.fail("queue entries must be objects")
             entries.append(QueueEntry.from_wire(Fields(item, f.request_id)))
-        return cls(entries, f.bool("more"))
+        return cls(entries, f.bool("more"), f.bool("ranges") if f.has("ranges") else False)
 
 
 @dataclass(frozen=True)
@@ -546,19 +558,41 @@ def parse_response(obj: dict[str, Any], op: str) -> Result:
     raise RemoteError(err.str("code", 64), err.str("message", 1024))
 
 
-def queue_page(entries: list[QueueEntry], rid: RequestId, max_frame: int, exhausted: bool = True) -> QueueResult:
+class QueuePage:
+    """A ``queue`` answer being filled: entries are taken while they fit one frame of ``max_frame`` bytes,
+    so the relay can read its store a few rows at a time and stop as soon as the frame is full."""
+
+    def __init__(self, rid: RequestId, max_frame: int, ranges: bool = False) -> None:
+        self.ranges = ranges
+        self.entries: list[QueueEntry] = []
+        self.wire: list[dict[str, Any]] = []
+        self.budget = max_frame - len(json.dumps(ok_response(rid, QueueResult([], True, True)))) - 16
+
+    def add(self, entry: QueueEntry) -> bool:
+        """Take ``entry`` if it fits; False (nothing taken) once the frame is full."""
+        wire = entry.to_wire()
+        size = len(json.dumps(wire, separators=(",", ":"))) + 1
+        if size > self.budget:
+            return False
+        self.budget -= size
+        self.entries.append(entry)
+        self.wire.append(wire)
+        return True
+
+    def result(self, more: bool) -> QueueResult:
+        return QueueResult(self.entries, more, self.ranges, self.wire)
+
+
+def queue_page(entries: list[QueueEntry], rid: RequestId, max_frame: int, exhausted: bool = True,
+               ranges: bool = False) -> QueueResult:
     """As many entries as fit in one frame; ``more`` tells the client to ask again after the last.
 
     ``exhausted`` says whether ``entries`` are all there is (else a full page still has ``more``)."""
-    budget = max_frame - len(json.dumps(ok_response(rid, QueueResult([], True)))) - 16
-    taken: list[QueueEntry] = []
+    page = QueuePage(rid, max_frame, ranges)
     for e in entries:
-        size = len(json.dumps(e.to_wire(), separators=(",", ":"))) + 1
-        if size > budget:
-            return QueueResult(taken, True)
-        budget -= size
-        taken.append(e)
-    return QueueResult(taken, not exhausted)
+        if not page.add(e):
+            return page.result(True)
+    return page.result(not exhausted)
 
 
 def encode_response(response: dict[str, Any], max_frame: int) -> tuple[bytes, FrameError | None]:

@@ -4,8 +4,8 @@
 Starts the relay (``msg-server``) and a reference server (``bench_reference.py``: asyncio + stdlib
 ``ssl``, same certificates and TLS settings, only handshakes and echoes frames) on 127.0.0.1 with a
 demo PKI in a temporary directory, then measures handshakes, durable sends, latency at a fixed load,
-memory per idle connection, memory under clients that pipeline and never read, and how costs grow
-with the store's size. Figures are reported as ratios to the reference because the machine is shared
+memory per idle connection, memory under clients that pipeline and never read, how costs grow
+with the store's size, server CPU per mutual-TLS connection and 10 000 idle watchers held. Figures are reported as ratios to the reference because the machine is shared
 and noisy. Writes bench/results.json and bench/results.png.
 """
 
@@ -23,6 +23,7 @@ import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -110,7 +111,7 @@ def proc_cpu_seconds(pid: int) -> float:
 
 
 def start_relay(certs: Path, db: Path | str, max_per_user: int | None = 5000, p12: Path | None = None,
-                log: Path | None = None) -> Proc:
+                log: Path | None = None, max_connections: int = 5000) -> Proc:
     """The relay on port 0, its connection caps raised for load; ``max_per_user=None`` keeps its default.
 
     ``db`` is a SQLite file or a ``postgresql://`` DSN; a DSN has no file beside which to put the audit
@@ -122,7 +123,7 @@ def start_relay(certs: Path, db: Path | str, max_per_user: int | None = 5000, p1
         log = db.with_suffix(".audit.log")
     args = [sys.executable, "-m", "server.cli", "--p12", str(p12 or certs / "MSG_SERVER.p12"), "--crl",
             str(certs / "ca" / "crl.pem"), "--users-dir", str(certs), "--port", "0", "--db", str(db),
-            "--log-file", str(log), "--max-connections", "5000", "--max-handshakes", "512"]
+            "--log-file", str(log), "--max-connections", str(max_connections), "--max-handshakes", "512"]
     if max_per_user is not None:
         args += ["--max-per-user", str(max_per_user)]
     return Proc(args + lifted_quotas())
@@ -142,8 +143,10 @@ def lifted_quotas() -> list[str]:
     return [a for flag, v in wanted.items() if flag in offered for a in (flag, str(v))]
 
 
-def start_reference(certs: Path) -> Proc:
-    return Proc([sys.executable, str(ROOT / "scripts" / "bench_reference.py"), "--p12", str(certs / "MSG_SERVER.p12")])
+def start_reference(certs: Path, crl: bool = False) -> Proc:
+    """The reference server; ``crl`` gives it the CA's CRL, so its handshakes check revocation as the relay's do."""
+    return Proc([sys.executable, str(ROOT / "scripts" / "bench_reference.py"), "--p12", str(certs / "MSG_SERVER.p12"),
+                 *(["--crl", str(certs / "ca" / "crl.pem")] if crl else [])])
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -861,6 +864,233 @@ def scaleout(world: World, tmp: Path, seconds: float, admin_dsn: str, step: Call
     return out
 
 
+# ------------------------------------------------------------------------------------ 8 connections that cost little
+CONNCPU_ROUNDS = 5  # relay and references this many times each, interleaved; the least disturbed round counts
+CONNCPU_WORKERS = 4  # clients connecting at once: enough to keep a server busy, few enough to leave it a core
+CONNCPU_GOAL = 1.2  # issue 13: relay CPU per connection within 1.2x the reference's
+HOLD_CONNECTIONS = 10_000  # issue 13: idle watchers held by one node
+HOLD_PER_USER = 8  # the relay's default --max-per-user: the held connections belong to distinct users, as watchers do
+MEMORY_GOAL_KIB = 64.0  # issue 13: relay memory per idle authenticated connection
+
+
+async def settled_cpu(proc: Proc, still_s: float = 0.6, tolerance_s: float = 0.003, deadline_s: float = 30.0) -> float:
+    """The server's CPU seconds once it has finished what the clients left it (closes, shutdowns): for
+    ``still_s`` it has used less than ``tolerance_s``."""
+    end = time.monotonic() + deadline_s
+    last = proc.cpu_seconds()
+    while time.monotonic() < end:
+        await asyncio.sleep(still_s)
+        now = proc.cpu_seconds()
+        if now - last < tolerance_s:
+            return now
+        last = now
+    return last
+
+
+async def connection_cpu(ctx: Any, proc: Proc, n: int, workers: int) -> float:
+    """Server CPU µs per connection: TLS handshake with both certificates, one ``hello`` answered (the
+    reference echoes it), then a clean close, ``n`` times over ``workers`` clients. Read from /proc, so
+    the clients' own CPU (in this process) is not counted."""
+    hello = encode_frame({"v": 1, "id": 1, "op": "hello"})
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proc.port, ssl=ctx)
+        writer.write(hello)
+        head = await reader.readexactly(4)
+        await reader.readexactly(int.from_bytes(head, "big"))
+        writer.close()
+        with contextlib.suppress(OSError):  # the server may reset once it has said goodbye
+            await writer.wait_closed()
+
+    async def worker(count: int) -> None:
+        for _ in range(count):
+            await one()
+
+    before = await settled_cpu(proc)
+    shares = [n // workers + (i < n % workers) for i in range(workers)]
+    await asyncio.gather(*(worker(k) for k in shares))
+    return (await settled_cpu(proc) - before) / n * 1e6
+
+
+def conncpu(world: World, tmp: Path, n: int, rounds: int = CONNCPU_ROUNDS) -> dict[str, Any]:
+    """Relay CPU per mutual-TLS connection (handshake + ``hello`` + close) against the reference's.
+
+    Two references: one with the relay's TLS settings in full, the CA's CRL included (OpenSSL then
+    verifies the CRLs' signatures in every handshake, as the relay's context does: the goal's ratio),
+    and the plain echo of the other rows, which checks no revocation. Rounds are interleaved and the
+    lowest CPU of each server counts (see best_of: other work only ever adds CPU time)."""
+    relay = start_relay(world.certs, tmp / "conncpu.db")
+    ref = start_reference(world.certs, crl=True)
+    plain = start_reference(world.certs)
+    ctx = client_context(world.stores[SENDER], world.anchors)
+    servers = (("relay", relay), ("reference", ref), ("reference_no_crl", plain))
+    got: dict[str, list[float]] = {name: [] for name, _ in servers}
+    try:
+        for _, proc in servers:  # warm-up: imports, caches, the first allocations
+            asyncio.run(connection_cpu(ctx, proc, max(20, n // 10), CONNCPU_WORKERS))
+        for _ in range(rounds):
+            for name, proc in servers:
+                got[name].append(asyncio.run(connection_cpu(ctx, proc, n, CONNCPU_WORKERS)))
+    finally:
+        for _, proc in servers:
+            proc.stop()
+    out: dict[str, Any] = {"connections_per_round": n, "rounds": rounds, "workers": CONNCPU_WORKERS,
+                           "goal_ratio": CONNCPU_GOAL}
+    for name, values in got.items():
+        out[f"{name}_us_per_conn"] = min(values)
+        out[f"{name}_rounds_us"] = values
+    out["ratio"] = out["relay_us_per_conn"] / out["reference_us_per_conn"]
+    out["ratio_no_crl"] = out["relay_us_per_conn"] / out["reference_no_crl_us_per_conn"]
+    return out
+
+
+def hold_users(world: World, count: int) -> list[Any]:
+    """Client TLS contexts of ``count`` users of the demo CA (BENCH00000 ...), made in memory: certificates
+    like ``msg-pki issue`` makes, without its index (the relay knows users once they connect)."""
+    from pki.ca import CertificateAuthority
+    from pki.keys import generate_key
+    from pki.profile import LeafRequest, Subject, make_leaf
+
+    ca = CertificateAuthority.load(world.certs / "ca")
+    contexts = []
+    for i in range(count):
+        key = generate_key()
+        cert = make_leaf(key.public_key(), LeafRequest(Subject(f"BENCH{i:05d}", f"Bench user {i}", ca.org_unit)),
+                         ca.intermediate, ca.intermediate_key)
+        contexts.append(client_context(Keystore(key=key, cert=cert, chain=ca.chain), world.anchors))
+    return contexts
+
+
+async def hold_open(proc: Proc, contexts: list[Any], n: int, subscribe: bool) -> tuple[list[Any], str | None]:
+    """Open ``n`` connections (``HOLD_PER_USER`` per user), each answered once (so authenticated and
+    admitted), and ``subscribe``d when asked: a watcher. Returns the writers, and why it stopped short."""
+    hello = encode_frame({"v": 1, "id": 1, "op": "hello"})
+    watch = encode_frame({"v": 1, "id": 2, "op": "subscribe"})
+    held: list[Any] = []
+    failures: list[str] = []
+    sem = asyncio.Semaphore(64)
+
+    async def answer(reader: asyncio.StreamReader) -> dict:
+        head = await reader.readexactly(4)
+        return decode_payload(await reader.readexactly(int.from_bytes(head, "big")))
+
+    async def one(i: int) -> None:
+        async with sem:
+            if failures:
+                return
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", proc.port, ssl=contexts[i // HOLD_PER_USER]), 60)
+                writer.write(hello + (watch if subscribe else b""))
+                first = await asyncio.wait_for(answer(reader), 60)
+                if subscribe and not (await asyncio.wait_for(answer(reader), 60)).get("ok"):
+                    raise ConnectionError("subscribe refused")
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
+                failures.append(f"connection {i}: {exc.__class__.__name__}: {exc}")
+                return
+            if first.get("ok") is False:
+                failures.append(f"connection {i} refused: {first.get('error')}")
+                writer.close()
+                return
+            held.append(writer)
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return held, (failures[0] if failures else None)
+
+
+async def hold_one(proc: Proc, contexts: list[Any], n: int, subscribe: bool) -> dict[str, Any]:
+    """RSS growth per connection while ``n`` idle connections are held (a fresh server, warmed up with a
+    few connections first, so one-time allocations are not counted)."""
+    warm, _ = await hold_open(proc, contexts, min(64, n), subscribe)
+    for writer in warm:
+        writer.close()
+    await settled_cpu(proc)
+    before = proc.rss_kib()
+    t0 = time.monotonic()
+    held, stopped = await hold_open(proc, contexts, n, subscribe)
+    open_s = time.monotonic() - t0
+    after, _, settled = await settled_rss(proc, 60.0)
+    for writer in held:
+        writer.close()
+    await settled_cpu(proc)
+    return {"held": len(held), "rss_before_mib": before / 1024, "rss_after_mib": after / 1024,
+            "kib_per_conn": (after - before) / max(1, len(held)), "open_s": open_s, "settled": settled,
+            "stopped": stopped}
+
+
+def hold(world: World, tmp: Path, n: int) -> dict[str, Any]:
+    """``n`` idle authenticated connections held by one relay (watchers: ``subscribe``d when the relay
+    offers it), then by the reference, measured the same way: RSS growth / connections.
+
+    The connections belong to ``n / 8`` users, so the relay runs with its default per-user limit; its
+    ``--max-connections`` is ``n`` plus the warm-up. This process raises its own open-file limit for the
+    client ends, and its TLS read buffers are the relay's (server/tls_buffers.py) so that 2 x 10 000 client
+    connections fit beside the servers; neither changes what the servers do. If the client ends cannot
+    all be opened here, it holds as many as fit and says so."""
+    from server.limits import raise_open_file_limit
+    from server.tls_buffers import install
+
+    install()
+    soft, _ = raise_open_file_limit()
+    wanted = n
+    n = min(n, soft - 256)
+    contexts = hold_users(world, -(-n // HOLD_PER_USER))
+    relay = start_relay(world.certs, tmp / "hold.db", max_per_user=None, max_connections=n + 64)
+    out: dict[str, Any] = {"wanted": wanted, "client_open_files": soft, "per_user": HOLD_PER_USER,
+                           "goal_kib": MEMORY_GOAL_KIB}
+    try:
+        offers = asyncio.run(relay_ops(world, relay.port))
+        out["subscribed"] = "subscribe" in offers
+        out["relay"] = asyncio.run(hold_one(relay, contexts, n, out["subscribed"]))
+    finally:
+        relay.stop()
+    ref = start_reference(world.certs)
+    try:
+        out["reference"] = asyncio.run(hold_one(ref, contexts, n, False))
+    finally:
+        ref.stop()
+    out["ratio"] = out["relay"]["kib_per_conn"] / out["reference"]["kib_per_conn"]
+    return out
+
+
+async def relay_ops(world: World, port: int) -> list[str]:
+    """The operations a relay offers (its ``hello``)."""
+    hello = await raw_exchange(world, port, encode_frame({"v": 1, "id": 1, "op": "hello"}))
+    return list(hello.get("ops", []))
+
+
+async def raw_exchange(world: World, port: int, frame: bytes) -> dict:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(world.stores[SENDER],
+                                                                                         world.anchors))
+    try:
+        writer.write(frame)
+        head = await reader.readexactly(4)
+        return decode_payload(await reader.readexactly(int.from_bytes(head, "big")))
+    finally:
+        writer.close()
+
+
+def conncpu_rows(c: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The CPU row: µs of server CPU per connection, the ratio against the reference with the relay's
+    TLS settings (the goal) and, for comparison, against the plain echo that checks no CRL."""
+    return [(f"server CPU µs per mutual-TLS connection (handshake + hello + close, best of {c['rounds']})",
+             f"{c['relay_us_per_conn']:.0f}",
+             f"{c['reference_us_per_conn']:.0f} (same CRL); {c['reference_no_crl_us_per_conn']:.0f} without CRL",
+             f"{c['ratio']:.2f} (goal <= {c['goal_ratio']:.1f}); {c['ratio_no_crl']:.2f} without CRL")]
+
+
+def hold_rows(h: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The 10 000 connections row: RSS growth per held connection, relay and reference."""
+    rel, ref = h["relay"], h["reference"]
+    what = "watchers (subscribed)" if h["subscribed"] else "idle connections"
+    why = rel["stopped"] or f"this process may open {h['client_open_files']} files"
+    short = "" if rel["held"] >= h["wanted"] else f" (only {rel['held']} of {h['wanted']}: {why})"
+    return [(f"KiB per connection, {rel['held']} {what} held{short}",
+             f"{rel['kib_per_conn']:.1f} ({rel['rss_before_mib']:.0f} -> {rel['rss_after_mib']:.0f} MiB)",
+             f"{ref['kib_per_conn']:.1f} ({ref['rss_before_mib']:.0f} -> {ref['rss_after_mib']:.0f} MiB)",
+             f"{h['ratio']:.2f} (goal <= {h['goal_kib']:.0f} KiB)")]
+
+
 # ------------------------------------------------------------------------------------ main
 async def publish_key(world: World, port: int) -> None:
     async with world.client(port, RECIPIENT) as c:
@@ -879,7 +1109,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="duration of each throughput run")
     p.add_argument("--quick", action="store_true", help="smaller figures for a smoke run")
     p.add_argument("--out", default=str(ROOT / "bench"))
-    p.add_argument("--only", choices=["flood", "scaleout", "memory", "live"],
+    p.add_argument("--only", choices=["flood", "scaleout", "memory", "live", "conncpu", "hold", "cli", "askqueue"],
                    help="run one row and print it; bench/results.json and the plot are left as they are")
     p.add_argument("--pg", default=PG_ADMIN_DSN, metavar="DSN",
                    help="PostgreSQL for the scale-out rows, as a user that may create databases: each measurement "
@@ -888,6 +1118,8 @@ def main() -> int:
     secs = 1.0 if args.quick else args.seconds
     idle_conns = 200 if args.quick else 1000
     growth = (10000, 20000) if args.quick else (10000, 100000)
+    conncpu_n = 200 if args.quick else 1000  # connections per round of the CPU row
+    hold_n = 1000 if args.quick else HOLD_CONNECTIONS
     out = Path(args.out)
     out.mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="msg-relay-bench-"))
@@ -924,12 +1156,26 @@ def main() -> int:
         print(json.dumps(results["live"], indent=2))
         print(table([SUMMARY_HEADER, *live_rows(results["live"])]))
         return 0
+    if args.only in ("conncpu", "hold"):
+        name = args.only
+        results[name] = (conncpu(world, tmp, conncpu_n) if name == "conncpu" else hold(world, tmp, hold_n))
+        print(json.dumps(results[name], indent=2))
+        print(table([SUMMARY_HEADER, *(conncpu_rows if name == "conncpu" else hold_rows)(results[name])]))
+        return 0
+    if args.only in ("cli", "askqueue"):
+        from bench_cli import CLI_ROUNDS, askqueue, askqueue_rows, cli, cli_rows  # issue 14 (imports this module)
+
+        name = args.only
+        results[name] = cli(world, tmp, 20 if args.quick else CLI_ROUNDS) if name == "cli" else askqueue(world, tmp)
+        print(json.dumps(results[name], indent=2))
+        print(table([SUMMARY_HEADER, *(cli_rows if name == "cli" else askqueue_rows)(results[name])]))
+        return 0
     if args.only == "scaleout":
         results["scaleout"] = scaleout(world, tmp, secs, args.pg, lambda what: None)
         print(json.dumps(results["scaleout"], indent=2))
         print(table([SUMMARY_HEADER, *scaleout_rows(results["scaleout"])]))
         return 0
-    steps = 3 + 3 + 2 + 1 + 1 + 1 + 2 * len(growth) + (len(SCALEOUT_CONFIGS) + 1) * SCALEOUT_ROUNDS
+    steps = 3 + 3 + 2 + 1 + 1 + 1 + 2 * len(growth) + (len(SCALEOUT_CONFIGS) + 1) * SCALEOUT_ROUNDS + 2 + 2
     bar = Progress(steps)
     db = tmp / "relay.db"
     relay, ref = start_relay(certs, db), start_reference(certs)
@@ -968,6 +1214,16 @@ def main() -> int:
                                               "queue_10k_unread_s": qt}
             relay.stop()
         results["scaleout"] = scaleout(world, tmp, secs, args.pg, bar.step)
+        bar.step(f"server CPU per connection, {CONNCPU_ROUNDS} x {conncpu_n} connections")
+        results["conncpu"] = conncpu(world, tmp, conncpu_n)
+        from bench_cli import CLI_ROUNDS, askqueue, cli
+
+        bar.step("msg-client commands as whole processes")
+        results["cli"] = cli(world, tmp, 20 if args.quick else CLI_ROUNDS)
+        bar.step("msg-client askqueue of 10 000 unread messages")
+        results["askqueue"] = askqueue(world, tmp)
+        bar.step(f"{hold_n} idle connections held")  # last: it makes this process's TLS buffers the relay's
+        results["hold"] = hold(world, tmp, hold_n)
     finally:
         bar.finish()
         for proc in (relay, ref):
@@ -1068,6 +1324,15 @@ def summary(r: dict[str, Any]) -> str:
                      "empty store", f"{g['ratio_to_empty_store']:.2f} (p99 {g['send_p99_ms']:.1f} ms{q})"))
     if "scaleout" in r:
         rows += scaleout_rows(r["scaleout"])
+    if "cli" in r or "askqueue" in r:
+        from bench_cli import askqueue_rows, cli_rows
+
+        rows += cli_rows(r["cli"]) if "cli" in r else []
+        rows += askqueue_rows(r["askqueue"]) if "askqueue" in r else []
+    if "conncpu" in r:
+        rows += conncpu_rows(r["conncpu"])
+    if "hold" in r:
+        rows += hold_rows(r["hold"])
     return table(rows)
 
 
