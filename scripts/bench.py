@@ -1175,7 +1175,7 @@ def main() -> int:
         print(json.dumps(results["scaleout"], indent=2))
         print(table([SUMMARY_HEADER, *scaleout_rows(results["scaleout"])]))
         return 0
-    steps = 3 + 3 + 2 + 1 + 1 + 1 + 2 * len(growth) + (len(SCALEOUT_CONFIGS) + 1) * SCALEOUT_ROUNDS + 2 + 2
+    steps = 3 + 3 + 2 + 1 + 1 + 1 + 2 * len(growth) + (len(SCALEOUT_CONFIGS) + 1) * SCALEOUT_ROUNDS + 2 + 2 + 1
     bar = Progress(steps)
     db = tmp / "relay.db"
     relay, ref = start_relay(certs, db), start_reference(certs)
@@ -1222,6 +1222,10 @@ def main() -> int:
         results["cli"] = cli(world, tmp, 20 if args.quick else CLI_ROUNDS)
         bar.step("msg-client askqueue of 10 000 unread messages")
         results["askqueue"] = askqueue(world, tmp)
+        from bench_live import live
+
+        bar.step("live delivery latency and one send to 32 recipients")
+        results["live"] = live(world, tmp, args.pg, tmp / "state")
         bar.step(f"{hold_n} idle connections held")  # last: it makes this process's TLS buffers the relay's
         results["hold"] = hold(world, tmp, hold_n)
     finally:
@@ -1331,6 +1335,10 @@ def summary(r: dict[str, Any]) -> str:
         rows += askqueue_rows(r["askqueue"]) if "askqueue" in r else []
     if "conncpu" in r:
         rows += conncpu_rows(r["conncpu"])
+    if "live" in r:
+        from bench_live import live_rows
+
+        rows += live_rows(r["live"])
     if "hold" in r:
         rows += hold_rows(r["hold"])
     return table(rows)

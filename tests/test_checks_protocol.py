@@ -125,6 +125,15 @@ def test_json_at_the_depth_limit_is_accepted():
     assert loads_object(nested)["a"]
 
 
+def test_brackets_inside_strings_do_not_count_as_nesting():
+    """Only structure nests: a subject full of brackets (escaped quotes too) is no deeper than its object."""
+    text = '{"s":"\\\\\\"' + "[{" * 40 + '", "l":' + "[" * (MAX_DEPTH - 1) + "1" + "]" * (MAX_DEPTH - 1) + "}"
+    assert loads_object(text.encode())["s"].endswith("[{" * 40)
+    deeper = '{"s":"' + "]}" * 40 + '", "l":' + "[" * MAX_DEPTH + "1" + "]" * MAX_DEPTH + "}"
+    with pytest.raises(ValueError, match="nested deeper"):
+        loads_object(deeper.encode())
+
+
 def test_a_frame_over_the_limit_is_neither_written_nor_read():
     with pytest.raises(FrameError) as info:
         encode_frame({"a": "x" * 100}, 50)
