@@ -116,6 +116,7 @@ class Mailbox:
         (``--no-crl``) a client with no CRL at all checks no revocation."""
         self.client = client
         self.state = state
+        state.authenticate_caches(client.keystore.key)  # only our keystore's holder writes facts we believe
         self.kem = kem
         self.keyring = Keyring(state, client.uid)
         self.crls = CrlCache(state, policy.anchors, client.keystore.intermediates())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ log = logging.getLogger("msg_relay.client")
 # A relay that lost the record (a database restored from a backup) gets it back within this time.
 PUBLISHED_TTL = dt.timedelta(hours=1)
 CHAINS_KEPT = 256  # certificate chains kept by fingerprint (senders, the relay's earlier certificates)
+SUBJECTS_KEPT = 200_000  # verified queue subjects held by one command (twice the longest queue listed)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _MICROSECOND = dt.timedelta(microseconds=1)
 _VERDICTS, _CHAINS, _PUBLISHED, _SUBJECTS = "verdicts.json", "certificates.json", "published.json", "subjects.json"
@@ -74,6 +76,7 @@ class ClientState:
         except OSError as exc:
             raise StateError(f"{self.dir}: cannot use state directory ({exc.strerror})") from None
         self._verdicts: Verdicts | None = None
+        self._cache_key: bytes | None = None
         self._subjects: SubjectFacts | None = None
         self._chains: dict[str, list[str]] | None = None
 
@@ -146,19 +149,40 @@ class ClientState:
         self._save(name, value)
 
     # ----- caches: what was verified once and need not be again (each with its staleness rule) --------
+    def authenticate_caches(self, private_key: Any) -> None:
+        """Key the cache files' MACs to the keystore's private key (see :func:`cache_key`). Until this is
+        called, no cache file is read or written: a verdict kept here stands in for a signature check."""
+        self._cache_key = cache_key(private_key)
+
     def _load_cache(self, name: str, default: Any) -> Any:
-        """A cache file, or ``default`` when it is missing or unreadable: a cache is started afresh, not
-        refused (nothing in it is trusted that is not checked or re-derivable), and rewritten on the next save."""
+        """A cache file, or ``default`` when it is missing, unreadable or not authenticated by our key: a
+        cache is started afresh, not refused, and rewritten on the next save. Its MAC matters because the
+        facts are trusted as they stand (a kept verdict says a certificate chained to our CA): whoever
+        could write to the state directory but not use the keystore must not be able to plant one."""
+        if self._cache_key is None:
+            return default
         try:
-            value = self._load(name, default)
-        except StateError as exc:
+            raw = read_bytes(self.dir / name) if (self.dir / name).exists() else b""
+        except PkiError as exc:
             log.debug("%s: started afresh", exc)
+            return default
+        mac, _, body = raw.partition(b"\n")
+        if not raw or not hmac.compare_digest(mac, _mac(self._cache_key, name, body)):
+            if raw:
+                log.debug("%s: not authenticated by this keystore: started afresh", self.dir / name)
+            return default
+        try:
+            value = json.loads(body)
+        except ValueError:
             return default
         return value if isinstance(value, type(default)) else default
 
     def _save_cache(self, name: str, value: Any) -> None:
+        if self._cache_key is None:
+            return
+        body = json.dumps(value, separators=(",", ":")).encode()
         try:
-            write_atomic(self.dir / name, json.dumps(value, separators=(",", ":")).encode(), mode=0o600)
+            write_atomic(self.dir / name, _mac(self._cache_key, name, body) + b"\n" + body, mode=0o600)
         except PkiError as exc:
             raise StateError(str(exc)) from None
 
@@ -227,6 +251,23 @@ class ClientState:
         return self._subjects
 
 
+def cache_key(private_key: Any) -> bytes:
+    """The key that authenticates this user's cache files: HKDF-SHA256 of the keystore's private key
+    (PKCS#8), so only the holder of the keystore can write a fact the client will believe."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    secret = private_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption())
+    return HKDF(hashes.SHA256(), 32, salt=None, info=b"msg-relay/state-caches/v1").derive(secret)
+
+
+def _mac(key: bytes, name: str, body: bytes) -> bytes:
+    """Hex HMAC-SHA256 of one cache file's body, bound to the file's name (a file moved under another
+    name does not verify)."""
+    return hmac.new(key, name.encode() + b"\0" + body, hashlib.sha256).hexdigest().encode()
+
+
 def _published_what(relay: str, cert: bytes, record: bytes, signature: bytes) -> str:
     return hashlib.sha256(b"\0".join([relay.encode(), cert, hashlib.sha256(record).digest(),
                                       hashlib.sha256(signature).digest()])).hexdigest()
@@ -270,6 +311,8 @@ class SubjectFacts:
         return self._facts.get(key)
 
     def put(self, key: str, subject: str) -> None:
+        if len(self._used) >= SUBJECTS_KEPT:
+            return  # a watch that runs for months, or a relay re-listing entries: the cache stops growing
         self._used.add(key)
         if self._facts.get(key) != subject:
             self._facts[key] = subject

@@ -134,7 +134,7 @@ class Verdicts:
         if held is None or any(a is not b for a, b in zip(held[0], objects, strict=True)):
             pool = sorted(self.fingerprint(c) for c in untrusted)
             anchors = sorted(self.fingerprint(a) for a in policy.anchors)
-            inputs = [self.fingerprint(cert), *pool, b"|", *anchors, b"|", role, policy.org_unit or ""]
+            inputs = [self.fingerprint(cert), *pool, b"|", *anchors, b"|", role, "\0no OU check" if policy.org_unit is None else policy.org_unit]
             if at is None:
                 inputs += [b"|", *sorted(self.fingerprint(c) for c in policy.crls)]
             if len(self._keys) >= _MEMO:

@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -65,6 +66,17 @@ def state_file(relay: HostileRelay, uid: str, name: str) -> Path:
     return relay.directory / "st" / uid / name
 
 
+def cache_doc(path: Path) -> Any:
+    """A cache file's document (the line after its MAC)."""
+    return json.loads(path.read_bytes().partition(b"\n")[2])
+
+
+def keyed_state(directory: Path, keystore: Any) -> ClientState:
+    state = ClientState(directory)
+    state.authenticate_caches(keystore.key)
+    return state
+
+
 def _der(crls: list) -> list[bytes]:
     return [c.public_bytes(Encoding.DER) for c in crls]
 
@@ -75,7 +87,7 @@ def _lunch(relay: HostileRelay) -> str:
     ok(cli(relay, "ALICE", "send", "BOB", "lunch?", stdin=b"at noon"))
     out = ok(cli(relay, "BOB", "askqueue"))
     assert out.startswith("1:ALICE:") and out.rstrip().endswith(":lunch?"), out
-    assert json.loads(state_file(relay, "BOB", "subjects.json").read_text())["facts"]
+    assert cache_doc(state_file(relay, "BOB", "subjects.json"))["facts"]
     return out
 
 
@@ -116,7 +128,7 @@ def test_kept_subjects_are_those_of_the_queue_just_listed(relay):
     _lunch(relay)
     ok(cli(relay, "BOB", "getmsg", "1"))
     ok(cli(relay, "BOB", "askqueue"))
-    assert json.loads(state_file(relay, "BOB", "subjects.json").read_text())["facts"] == {}
+    assert cache_doc(state_file(relay, "BOB", "subjects.json"))["facts"] == {}
 
 
 def test_an_unreadable_cache_is_started_afresh(relay):
@@ -187,13 +199,40 @@ def test_a_kept_chain_spares_the_directory_and_is_validated_again(relay, ca):
 
 
 def test_a_kept_chain_must_be_the_certificate_it_is_kept_for(tmp_path, ca):
-    state = ClientState(tmp_path / "st")
     alice, bob = load_keystore(tmp_path / "ALICE.p12"), load_keystore(tmp_path / "BOB.p12")
+    state = keyed_state(tmp_path / "st", bob)
     fingerprint = cert_fingerprint(alice.cert)
     state.remember_chain("ALICE", fingerprint, [bob.cert.public_bytes(Encoding.DER)])  # a tampered file, say
-    assert ClientState(tmp_path / "st").known_chain("ALICE", fingerprint) is None
+    assert keyed_state(tmp_path / "st", bob).known_chain("ALICE", fingerprint) is None
     state.remember_chain("CAROL", fingerprint, [alice.cert.public_bytes(Encoding.DER)])
-    assert ClientState(tmp_path / "st").known_chain("CAROL", fingerprint) == [alice.cert.public_bytes(Encoding.DER)]
+    assert keyed_state(tmp_path / "st", bob).known_chain("CAROL", fingerprint) == [alice.cert.public_bytes(Encoding.DER)]
+
+
+def test_a_cache_file_the_keystore_did_not_write_is_not_believed(tmp_path, ca):
+    """Cache files carry a MAC keyed to the keystore's private key: someone who can write to the state
+    directory but cannot use the keystore (a password-protected one) cannot plant a fact."""
+    alice, bob = load_keystore(tmp_path / "ALICE.p12"), load_keystore(tmp_path / "BOB.p12")
+    chain = [alice.cert.public_bytes(Encoding.DER)]
+    fingerprint = cert_fingerprint(alice.cert)
+    keyed_state(tmp_path / "st", bob).remember_chain("ALICE", fingerprint, chain)
+    assert keyed_state(tmp_path / "st", bob).known_chain("ALICE", fingerprint) == chain
+    assert keyed_state(tmp_path / "st", alice).known_chain("ALICE", fingerprint) is None  # another key
+    assert ClientState(tmp_path / "st").known_chain("ALICE", fingerprint) is None  # no key: no cache at all
+    path = tmp_path / "st" / "certificates.json"
+    mac, _, body = path.read_bytes().partition(b"\n")
+    doc = json.loads(body)
+    doc["ALICE/" + "00" * 32] = doc.pop(f"ALICE/{fingerprint.hex()}")
+    path.write_bytes(mac + b"\n" + json.dumps(doc, separators=(",", ":")).encode())  # same MAC, other facts
+    assert keyed_state(tmp_path / "st", bob).known_chain("ALICE", bytes(32)) is None
+
+
+def test_a_kept_subject_edited_in_the_state_directory_is_not_shown(relay):
+    _lunch(relay)
+    path = state_file(relay, "BOB", "subjects.json")
+    mac, _, body = path.read_bytes().partition(b"\n")
+    path.write_bytes(mac + b"\n" + body.replace(b"lunch?", b"FIRED"))
+    out = ok(cli(relay, "BOB", "askqueue"))
+    assert out.rstrip().endswith(":lunch?"), out  # checked again, from the relay's bytes
 
 
 def test_a_relay_certificate_revoked_after_a_kept_verdict_is_refused(relay, ca):
@@ -207,7 +246,7 @@ def test_a_relay_certificate_revoked_after_a_kept_verdict_is_refused(relay, ca):
 
 def test_crl_bytes_held_skip_their_signature_not_their_dates(tmp_path, ca, monkeypatch):
     store = load_keystore(tmp_path / "BOB.p12")
-    state = ClientState(tmp_path / "st")
+    state = keyed_state(tmp_path / "st", store)
     der = _der(ca.build_crls())[0]
     assert CrlCache(state, [ca.root], store.intermediates()).offer(der) is True
     held = CrlCache(state, [ca.root], store.intermediates())
@@ -224,7 +263,7 @@ def test_a_look_alike_crl_is_verified_though_a_crl_of_that_name_is_held(tmp_path
     from .test_checks_client import _crl, _newest
 
     store = load_keystore(tmp_path / "BOB.p12")
-    state = ClientState(tmp_path / "st")
+    state = keyed_state(tmp_path / "st", store)
     assert CrlCache(state, [ca.root], store.intermediates()).offer(_der(ca.build_crls())[0])
     forged = _crl(ca.intermediate.subject, self_signed_ca(ca.intermediate.subject).key, _newest(ca) + 10**9)
     with pytest.raises(CrlRefused, match="not signed by a CA we trust"):

@@ -168,3 +168,15 @@ def test_a_keystore_answers_for_its_current_chain_and_certificate(ca):
     user.chain = [ca.root]
     user.cert = ca.issue("LUKE").cert
     assert user.intermediates() == [] and user.ca_certificates() == [ca.root] and user.uid == "LUKE"
+
+
+def test_a_verdict_reached_without_an_ou_check_does_not_stand_for_one(ca):
+    """``org_unit=None`` checks no organisational unit; its verdict must not answer a policy that checks
+    one, even the empty one."""
+    user = ca.issue("ALICE")
+    kept = Verdicts()
+    crls = ca.build_crls()
+    unchecked = TrustPolicy([ca.root], crls, None, verdicts=kept)
+    assert unchecked.validate(user.cert, user.chain).uid == "ALICE"
+    with pytest.raises(ValidationError, match="organisational unit ''"):
+        TrustPolicy([ca.root], crls, "", verdicts=kept).validate(user.cert, user.chain)
