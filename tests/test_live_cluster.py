@@ -77,3 +77,28 @@ def test_a_node_that_missed_notifications_tells_its_watchers_when_it_listens_aga
         asyncio.run(scenario())
     finally:
         server.stop()
+
+
+def test_a_message_to_several_sent_through_one_node_is_read_through_the_other(tmp_path, pg_dsn):
+    ca = private_pki(tmp_path, ("ANNA", "BEN", "CARL"))
+    save_keystore(tmp_path / "node-b.p12", ca.issue("MSG_SERVER", server=True, cn="node-b"), None)
+    a = RelayProcess(tmp_path, tmp_path, db=pg_dsn, name="a")
+    b = RelayProcess(tmp_path, tmp_path, p12=tmp_path / "node-b.p12", db=pg_dsn, name="b")
+    a.start()
+    b.start()
+    try:
+        at_a, at_b = f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"
+
+        def run(at: str, uid: str, *args: str, stdin: bytes = b""):  # type: ignore[no-untyped-def]
+            return run_client(at, tmp_path / f"{uid}.p12", *args, stdin=stdin, state=tmp_path / "st" / uid)
+
+        for uid in ("ANNA", "BEN", "CARL"):
+            assert run(at_b, uid, "askqueue").code == 0
+        sent = run(at_a, "ANNA", "send", "BEN,CARL", "to both", stdin=b"across nodes")
+        assert sent.code == 0 and len(sent.out.splitlines()) == 2, sent.err
+        for uid, other in (("BEN", "CARL"), ("CARL", "BEN")):
+            got = run(at_b, uid, "getmsg", "1")
+            assert got.code == 0 and f"Cc: {other}\n" in got.out and got.out.endswith("across nodes\n"), got.err
+    finally:
+        for node in (a, b):
+            node.kill()
