@@ -5,7 +5,7 @@
     .venv/bin/python -m tests.mutants --ids E-v2-sig H-sig
 
 Not a test module (pytest does not collect it) and it never edits the working tree: each worker copies
-the tree to /tmp/mut (/tmp/mut2 ...), checks that the copy is what gets imported (the project is
+the tree to /tmp/mut (/tmp/mut2 ...; MSG_RELAY_MUT_DIR=/tmp/other for a second run at once), checks that the copy is what gets imported (the project is
 installed in editable mode), runs the tests once unmutated, then for each entry below replaces
 ``old`` by ``new`` (the check deleted or inverted), runs the tests and restores the file.
 
@@ -1735,7 +1735,8 @@ def main(argv: list[str] | None = None) -> int:
                 out.write(line + "\n")
                 out.flush()
 
-    copies = [Path("/tmp/mut")] + [Path(f"/tmp/mut{i}") for i in range(2, args.workers + 1)]
+    base = os.environ.get("MSG_RELAY_MUT_DIR", "/tmp/mut")  # two runs at once need two bases
+    copies = [Path(base)] + [Path(f"{base}{i}") for i in range(2, args.workers + 1)]
     threads = [threading.Thread(target=_worker, args=(c, jobs, args.suite, args.timeout, report)) for c in copies]
     for t in threads:
         t.start()
