@@ -261,3 +261,14 @@ def test_a_subscriber_that_does_not_read_gets_the_newest_number_once_it_reads():
 
     written = asyncio.run(scenario())
     assert [decode_payload(w[4:]) for w in written] == [{"v": 1, "event": "queued", "num": 1000}]
+
+
+def test_a_relay_without_live_delivery_is_one_line(tmp_path):
+    """A relay from before ``subscribe`` answers it ``bad_request``: watch says so and stops."""
+    from .hostile_relay import HostileRelay
+
+    private_pki(tmp_path, ("BEN",))
+    with HostileRelay(tmp_path) as relay:  # its honest answers know no "subscribe"
+        relay.enroll("BEN")
+        r = run_client(relay.address, tmp_path / "BEN.p12", "watch", state=tmp_path / "st" / "BEN")
+    assert r.code == 1 and r.err == "msg-client: the relay refused: unknown operation 'subscribe'\n", r.err
