@@ -34,7 +34,7 @@ class Aliases:
         self.state = state
 
     def all(self) -> dict[str, list[str]]:
-        raw = self.state._load(_FILE, {})
+        raw = self.state.load_doc(_FILE, {})
         if not isinstance(raw, dict) or not all(
                 isinstance(k, str) and isinstance(v, list) and all(is_valid_uid(u) for u in v) for k, v in raw.items()):
             raise AliasError(f"{self.state.dir / _FILE}: corrupt alias file (move it away to start afresh)")
@@ -51,7 +51,7 @@ class Aliases:
         if nested:
             raise AliasError(f"{nested[0]} is an alias: an alias names UIDs only")
         aliases[name] = unique
-        self.state._save(_FILE, aliases)
+        self.state.save_doc(_FILE, aliases)
         return unique
 
     def remove(self, name: str) -> None:
@@ -59,7 +59,7 @@ class Aliases:
         if name not in aliases:
             raise AliasError(f"no alias {name!r}")
         del aliases[name]
-        self.state._save(_FILE, aliases)
+        self.state.save_doc(_FILE, aliases)
 
     def expand(self, names: list[str]) -> list[str]:
         """The recipients ``names`` stand for, each once, in order; an alias name wins over a UID of the

@@ -516,5 +516,14 @@ class RelayClient:
         assert isinstance(result, DirectoryResult)
         return result
 
+    async def directories(self, uids: Sequence[str]) -> list[DirectoryResult | RemoteError]:
+        """Several users' directory entries in one pipelined round trip (an unknown user: its RemoteError)."""
+        out: list[DirectoryResult | RemoteError] = []
+        for result in await self.pipeline([DirectoryRequest(self.next_id(), uid) for uid in uids]):
+            if isinstance(result, ClientError):
+                raise result
+            out.append(result)  # type: ignore[arg-type]
+        return out
+
     async def publish_key(self, record: bytes, signature: bytes) -> None:
         await self.request(PublishKeyRequest(self.next_id(), record, signature))

@@ -42,7 +42,7 @@ from protocol.keyrecord import (
     read_record,
     signed_by,
 )
-from protocol.messages import DirectoryRequest, DirectoryResult, QueueEntry, RemoteError, StoredMessage
+from protocol.messages import DirectoryResult, QueueEntry, RemoteError, StoredMessage
 from protocol.receipts import Receipt
 
 from .connection import ClientError, ConnectionLost, RelayClient, ServerRejected
@@ -257,9 +257,14 @@ class Mailbox:
     async def send(self, to: str, subject: str, body: bytes) -> Receipt:
         record = await self.recipient_key(to)
         msg_id = secrets.token_hex(16)
-        inner = InnerMessage(self.uid, to, msg_id, utc_now(), subject, body)
-        sealed = seal(inner, self.client.keystore.key, record)
-        receipt = await self._submit(to, msg_id, sealed)
+        sealed = seal(InnerMessage(self.uid, to, msg_id, utc_now(), subject, body), self.client.keystore.key, record)
+        (outcome,) = await self._submit([Copy(to, msg_id, record)], [sealed])
+        if isinstance(outcome, RemoteError):
+            raise outcome
+        return await self._accept_receipt(outcome, to, msg_id, sealed)
+
+    async def _accept_receipt(self, receipt: Receipt, to: str, msg_id: str, sealed: Sealed) -> Receipt:
+        """A send's receipt, once it is the relay's and names what we sent: kept for ``receipts``."""
         await self._check_receipt(receipt)
         if (receipt.msg_id, receipt.sender, receipt.recipient, receipt.digest) != \
                 (msg_id, self.uid, to, ciphertext_digest(sealed)):
@@ -275,7 +280,11 @@ class Mailbox:
         in one pipelined write, so the relay stores them in one group commit."""
         if len(recipients) == 1:
             return [await self.send(recipients[0], subject, body)]
-        await self._prefetch_directory(recipients)
+        # Every recipient's directory entry in one round trip, kept for recipient_key below.
+        wanted = [u for u in recipients if (u, None) not in self._directory][:DIRECTORY_CACHE - len(self._directory)]
+        for uid, entry in zip(wanted, await self.client.directories(wanted), strict=True):
+            if isinstance(entry, DirectoryResult):
+                self._directory[(uid, None)] = entry
         copies = []
         for uid in recipients:
             try:
@@ -284,35 +293,23 @@ class Mailbox:
                 raise ClientError(f"cannot send to {uid}: {exc.message}: nothing sent") from None
             copies.append(Copy(uid, secrets.token_hex(16), record))
         sealed = seal_many(self.uid, utc_now(), subject, body, copies, self.client.keystore.key)
-        outcomes = await self._submit_many(copies, sealed)
+        outcomes = await self._submit(copies, sealed)
         receipts, refused = [], []
         for c, s, outcome in zip(copies, sealed, outcomes, strict=True):
             if isinstance(outcome, RemoteError):
                 refused.append(f"{c.uid} ({outcome.message})")
-                continue
-            await self._check_receipt(outcome)
-            if (outcome.msg_id, outcome.sender, outcome.recipient, outcome.digest) != \
-                    (c.msg_id, self.uid, c.uid, ciphertext_digest(s)):
-                raise VerificationError(f"receipt for {c.uid} does not match the message sent")
-            self.state.add_receipt(outcome)
-            receipts.append(outcome)
+            else:
+                receipts.append(await self._accept_receipt(outcome, c.uid, c.msg_id, s))
         if refused:
             stored = ", ".join(r.recipient for r in receipts) or "no one"
             raise PartlySent(f"the relay refused the copy for {'; '.join(refused)}; sent to {stored}")
         return receipts
 
-    async def _prefetch_directory(self, uids: list[str]) -> None:
-        """The directory entries of ``uids`` in one pipelined round trip (kept for the rest of the command)."""
-        wanted = [u for u in uids if (u, None) not in self._directory][:DIRECTORY_CACHE - len(self._directory)]
-        results = await self.client.pipeline([DirectoryRequest(self.client.next_id(), u) for u in wanted])
-        for uid, result in zip(wanted, results, strict=True):
-            if isinstance(result, DirectoryResult):
-                self._directory[(uid, None)] = result
-            elif isinstance(result, ClientError):
-                raise result
-
-    async def _submit_many(self, copies: list[Copy], sealed: list[Sealed]) -> list[Receipt | RemoteError]:
-        """All copies pipelined; after a lost connection all again (same msg_ids) through the next node."""
+    async def _submit(self, copies: list[Copy], sealed: list[Sealed]) -> list[Receipt | RemoteError]:
+        """Submit the copies pipelined; after a lost connection the very same bytes under the same msg_ids
+        through the next node: the relay's (sender, msg_id) idempotency returns the first receipt of a
+        copy already stored, so a failover never delivers twice. One outcome per copy: its receipt, or
+        the relay's refusal."""
         for attempt in range(len(self.client.nodes)):
             requests = [self.client.send_request(c.uid, c.msg_id, s) for c, s in zip(copies, sealed, strict=True)]
             results = await self.client.pipeline(requests)
@@ -367,7 +364,7 @@ class Mailbox:
                 except ServerRejected:
                     raise
                 self._forget()
-                self._check_relay(await self.policy())
+                await self.policy()  # the new node's CRLs, and its certificate checked against them
 
     async def _show(self, entry: QueueEntry, on_line: Callable[[QueueLine], None],
                     on_message: Callable[[ReadMessage | Unreadable], None], open_messages: bool) -> None:
@@ -387,19 +384,6 @@ class Mailbox:
         """Drop what this command learnt from the relay (CRLs checked, directory answers)."""
         self._policy = None
         self._directory.clear()
-
-    async def _submit(self, to: str, msg_id: str, sealed: Sealed) -> Receipt:
-        """Submit, and after a lost connection submit the very same bytes under the same msg_id through
-        the next node: the relay's (sender, msg_id) idempotency returns the first receipt if the lost
-        answer was a stored message, so a failover never delivers twice."""
-        for _ in range(len(self.client.nodes) - 1):
-            try:
-                return await self.client.send(to, msg_id, sealed)
-            except ConnectionLost as exc:
-                log.info("send of %s lost (%s): trying the next node", msg_id, exc)
-                await self.client.failover()
-                self._check_relay(await self.policy())
-        return await self.client.send(to, msg_id, sealed)
 
     async def queue(self) -> list[QueueLine]:
         """Unread messages as ``askqueue`` shows them: the time from the relay's signed receipt, the

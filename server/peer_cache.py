@@ -25,7 +25,9 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
+from pki.errors import ValidationError
 from pki.identity import Identity
+from pki.validation import check_profile
 
 PROFILE_CACHE_SIZE = 4096  # distinct client certificates remembered
 
@@ -71,6 +73,18 @@ class ProfileCache:
         while len(self._entries) > self.limit:
             self._entries.popitem(last=False)
         return checked
+
+    def check(self, der: bytes, context: object, org_unit: str | None) -> CheckedPeer:
+        """The client certificate presented as ``der``, checked against the client profile: kept from an
+        earlier connection under ``context``, or parsed and checked now (ValidationError, never kept)."""
+        checked = self.get(der, context)
+        if checked is not None:
+            return checked
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            raise ValidationError("bad_certificate", "the client certificate cannot be read") from None
+        return self.put(der, context, check_profile(cert, "client", org_unit), cert)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -304,14 +304,14 @@ class PostgresStore:
                                       list(uids))
         return {r["recipient"]: int(r["last_num"]) for r in rows}
 
-    def listen(self, on_queued: Callable[[str, int], None], on_resync: Callable[[], Any]) -> None:
+    def listen(self, on_queued: Callable[[str, int], None], on_resync: Callable[[], Awaitable[None]]) -> None:
         """Follow ``NOTIFY msg_relay_queued`` from every node on a dedicated connection, for as long as the
         store is open. The connection is made again (with backoff) when it breaks; ``on_resync`` runs
         after each (re)connection, since notifications sent meanwhile are lost."""
         if self._listener is None:
             self._listener = asyncio.get_running_loop().create_task(self._listen(on_queued, on_resync))
 
-    async def _listen(self, on_queued: Callable[[str, int], None], on_resync: Callable[[], Any]) -> None:
+    async def _listen(self, on_queued: Callable[[str, int], None], on_resync: Callable[[], Awaitable[None]]) -> None:
         def received(_conn: object, _pid: int, _channel: str, payload: str) -> None:
             uid, _, num = payload.rpartition(" ")
             if uid and num.isdigit():
@@ -326,9 +326,7 @@ class PostgresStore:
                 conn.add_termination_listener(functools.partial(_settle, lost))
                 await conn.add_listener(QUEUED_CHANNEL, received)
                 wait = LISTEN_RETRY[0]
-                result = on_resync()
-                if asyncio.iscoroutine(result):
-                    await result
+                await on_resync()
                 await lost
                 log.warning("lost the PostgreSQL connection that follows new messages: reconnecting")
             except _CONNECT_ERRORS as exc:

@@ -16,8 +16,6 @@ from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING
 
 from pki.errors import ValidationError
-from pki.tls import peer_certificate
-from pki.validation import check_profile
 from protocol.errors import ErrorCode, FrameError, ProtocolError
 from protocol.frames import FrameDecoder, decode_payload, encode_frame
 from protocol.messages import (
@@ -168,28 +166,21 @@ class Session:
         ssl_object = self.writer.get_extra_info("ssl_object")
         drop_peercert_dict(self.writer.transport)  # ~2 KiB per connection that nothing reads
         der: bytes | None = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        # A certificate that passed the profile check before (under the current CRL) is not parsed and
-        # checked again, and its sessions share one parsed copy (server/peer_cache.py); chain, dates and
-        # revocation were checked by OpenSSL in this very handshake.
-        checked = self.app.profiles.get(der, self.app.ssl_context) if der else None
-        cert = checked.cert if checked is not None else peer_certificate(ssl_object)
         try:
-            if cert is None:
+            if not der:
                 raise ValidationError("no_certificate", "no client certificate")
-            if checked is not None:
-                identity = checked.identity
-            else:
-                identity = check_profile(cert, "client", cfg.org_unit)
+            # The profile is checked once per certificate and CRL, and the sessions of one certificate share
+            # its parsed copy (server/peer_cache.py); chain, dates and revocation were checked by OpenSSL in
+            # this very handshake.
+            checked = self.app.profiles.check(der, self.app.ssl_context, cfg.org_unit)
             if context is not self.app.ssl_context:
                 # The CRL changed while this handshake was under way: OpenSSL checked the old one.
-                self.app.recheck(cert)
+                self.app.recheck(checked.cert)
         except ValidationError as exc:
             audit.event("connection_rejected", peer=self.addr, reason=str(exc))
             await self._send_and_close(error_response(None, ErrorCode.NOT_AUTHORISED, f"certificate rejected: {exc}"))
             return False
-        assert der is not None  # the certificate was read from it
-        if checked is None:
-            self.app.profiles.put(der, self.app.ssl_context, identity, cert)
+        identity, cert = checked.identity, checked.cert
         if self.app.refusing:
             # Fail closed, but say why: the client gets the reason instead of a misleading TLS alert.
             audit.event("connection_rejected", peer=self.addr, uid=identity.uid, reason=self.app.refusing)

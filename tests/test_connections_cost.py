@@ -27,7 +27,8 @@ from pki.identity import Identity
 from pki.keystore import Keystore, load_keystore
 from pki.tls import client_context, server_context
 from protocol.encoding import parse_time
-from server import session as session_module
+from pki.errors import ValidationError
+from server import peer_cache as peer_cache_module
 from server import tls_buffers
 from server.audit import AuditLog
 from server.peer_cache import ProfileCache
@@ -143,11 +144,12 @@ def test_install_is_idempotent():
 
 # ------------------------------------------------------------------------------ the profile check, remembered
 class CountedProfileChecks:
-    """Counts the relay sessions' calls of check_profile (the relay runs in this process, in a thread)."""
+    """Counts the relay's calls of check_profile for client certificates (the relay runs in this process,
+    in a thread; server/peer_cache.py makes them)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[str | None] = []
-        original = session_module.check_profile
+        original = peer_cache_module.check_profile
 
         def counted(cert: Any, role: Any, org_unit: Any = None) -> Identity:
             from pki.identity import uid_of
@@ -155,7 +157,7 @@ class CountedProfileChecks:
             self.calls.append(uid_of(cert))
             return original(cert, role, org_unit)
 
-        monkeypatch.setattr(session_module, "check_profile", counted)
+        monkeypatch.setattr(peer_cache_module, "check_profile", counted)
 
 
 async def ask(store: Keystore, port: int, ca: CertificateAuthority) -> str:
@@ -310,3 +312,10 @@ def test_an_audit_log_on_stderr_writes_there(capsys):
     log.close()
     err = capsys.readouterr().err
     assert json.loads(err)["event"] == "server_started"
+
+
+def test_a_client_certificate_cryptography_cannot_read_is_refused_and_not_kept():
+    cache = ProfileCache()
+    with pytest.raises(ValidationError, match="cannot be read"):
+        cache.check(b"not a certificate", object(), None)
+    assert len(cache) == 0
