@@ -583,18 +583,6 @@ class QueuePage:
         return QueueResult(self.entries, more, self.ranges, self.wire)
 
 
-def queue_page(entries: list[QueueEntry], rid: RequestId, max_frame: int, exhausted: bool = True,
-               ranges: bool = False) -> QueueResult:
-    """As many entries as fit in one frame; ``more`` tells the client to ask again after the last.
-
-    ``exhausted`` says whether ``entries`` are all there is (else a full page still has ``more``)."""
-    page = QueuePage(rid, max_frame, ranges)
-    for e in entries:
-        if not page.add(e):
-            return page.result(True)
-    return page.result(not exhausted)
-
-
 def encode_response(response: dict[str, Any], max_frame: int) -> tuple[bytes, FrameError | None]:
     """The frame for ``response``; one that would exceed the limit becomes a ``too_large`` error frame
     for the same request, so an answer that outgrew the frame never ends the session."""

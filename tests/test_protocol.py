@@ -25,10 +25,11 @@ from protocol.errors import ErrorCode, FrameError, ProtocolError
 from protocol.frames import MAX_FRAME, FrameDecoder, decode_payload, encode_frame
 from protocol.messages import (
     QueueEntry,
+    QueuePage,
     QueueRequest,
+    QueueResult,
     SendRequest,
     parse_request,
-    queue_page,
     request_to_wire,
 )
 from protocol.receipts import Receipt
@@ -117,6 +118,12 @@ def test_queue_page_fits_a_frame():
     now = dt.datetime.now(dt.timezone.utc)
     receipt = Receipt("a" * 32, "ALICE", "BOB", bytes(32), now, 1, bytes(32), bytes(72))
     entries = [QueueEntry(i, "ALICE", "a" * 32, now, 1, b"x" * 1500, receipt, bytes(32)) for i in range(1, 30)]
+
+    def queue_page(entries: list[QueueEntry], rid: int, max_frame: int) -> QueueResult:
+        """As the relay fills a page: entries while they fit; ``more`` when one did not."""
+        page = QueuePage(rid, max_frame)
+        return page.result(more=not all(page.add(e) for e in entries))
+
     page = queue_page(entries, 1, MAX_FRAME)
     assert page.more and 0 < len(page.entries) < len(entries)
     from protocol.messages import ok_response
