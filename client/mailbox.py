@@ -23,8 +23,8 @@ from pki.validation import Role, TrustPolicy
 from protocol.encoding import format_time, utc_now
 from protocol.envelope import (
     SIGNED_SUBJECT_VERSIONS,
-    InnerMessage,
     Copy,
+    InnerMessage,
     OpenedMessage,
     Sealed,
     VerificationError,

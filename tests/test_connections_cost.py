@@ -23,11 +23,11 @@ import pytest
 
 from client.connection import ClientError, RelayClient, ServerRejected
 from pki.ca import CertificateAuthority
+from pki.errors import ValidationError
 from pki.identity import Identity
 from pki.keystore import Keystore, load_keystore
 from pki.tls import client_context, server_context
 from protocol.encoding import parse_time
-from pki.errors import ValidationError
 from server import peer_cache as peer_cache_module
 from server import tls_buffers
 from server.audit import AuditLog
