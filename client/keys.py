@@ -7,8 +7,8 @@ again but stays, decrypt-only: ``get`` serves read messages too, and they must s
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
 
+from pki.frozen import frozen
 from pki.keys import PrivateKey
 from protocol import hpke
 from protocol.encoding import b64d, b64e, format_time, parse_time, utc_now
@@ -21,7 +21,7 @@ RENEW_BEFORE = dt.timedelta(days=7)  # a key this close to its expiry is replace
 _DOC = "keys.json"
 
 
-@dataclass(frozen=True)
+@frozen
 class OwnKey:
     record: KeyRecord
     private: bytes

@@ -11,12 +11,12 @@ import datetime as dt
 import logging
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from pki.errors import ValidationError
+from pki.frozen import frozen
 from pki.identity import MSG_SERVER, cert_fingerprint
 from pki.keys import PublicKey
 from pki.validation import Role, TrustPolicy
@@ -60,7 +60,7 @@ REFRESH = 300.0
 RETRY = (0.5, 30.0)
 
 
-@dataclass(frozen=True)
+@frozen
 class QueueLine:
     num: int
     sender: str
@@ -68,7 +68,7 @@ class QueueLine:
     subject: str | None  # None when the subject could not be read or verified
 
 
-@dataclass(frozen=True)
+@frozen
 class ReadMessage:
     num: int
     inner: InnerMessage
@@ -100,7 +100,7 @@ class PartlySent(ClientError):
     every one): which were stored and which not, and why, are in the message."""
 
 
-@dataclass(frozen=True)
+@frozen
 class Unreadable:
     """A message ``watch --open`` could not show: it stays unread in the queue."""
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
+
+from .frozen import frozen
 
 MSG_CA = "MSG_CA"
 MSG_SERVER = "MSG_SERVER"
@@ -23,7 +24,7 @@ DEFAULT_ORG_UNIT = "SSI MSG RELAY SERVICE"
 _UID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
 
-@dataclass(frozen=True)
+@frozen
 class Identity:
     """The validated identity of a certificate holder."""
 

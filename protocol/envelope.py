@@ -30,10 +30,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import unicodedata
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pki.errors import MsgRelayError
+from pki.frozen import frozen
 from pki.identity import is_valid_uid
 from pki.keys import PrivateKey, PublicKey, sign, verify_signature
 
@@ -88,7 +88,7 @@ def check_subject(subject: str) -> str:
     return subject
 
 
-@dataclass(frozen=True)
+@frozen
 class InnerMessage:
     sender: str
     recipient: str
@@ -114,7 +114,7 @@ class InnerMessage:
             raise VerificationError(f"inner message malformed: {exc}") from None
 
 
-@dataclass(frozen=True)
+@frozen
 class Sealed:
     """What a client submits and the relay stores: version, header and envelope bytes."""
 
@@ -123,7 +123,7 @@ class Sealed:
     envelope: bytes
 
 
-@dataclass(frozen=True)
+@frozen
 class OpenedMessage:
     inner: InnerMessage
 
@@ -187,7 +187,7 @@ def _seal_v1(inner: InnerMessage, sender_key: PrivateKey) -> Sealed:
     return Sealed(ENVELOPE_V1, header, envelope)
 
 
-@dataclass(frozen=True)
+@frozen
 class Copy:
     """One recipient of a message to several: its UID, the msg_id of its copy and its key record."""
 

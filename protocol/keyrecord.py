@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import dataclass
 
 from pki.errors import MsgRelayError
+from pki.frozen import frozen
 from pki.keys import PrivateKey, PublicKey, sign, verify_signature
 
 from . import hpke
@@ -29,7 +29,7 @@ class KeyRecordError(MsgRelayError):
     """A key record that must not be used (bad signature, wrong owner, expired, malformed)."""
 
 
-@dataclass(frozen=True)
+@frozen
 class KeyRecord:
     uid: str
     kem: str

@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
 from pki.errors import MsgRelayError
+from pki.frozen import frozen
 
 from . import PROTOCOL_VERSION
 from .encoding import b64e, format_time, parse_time
@@ -42,7 +42,7 @@ def _request_id(obj: dict[str, Any]) -> RequestId:
 
 
 # --------------------------------------------------------------------------------------- requests
-@dataclass(frozen=True)
+@frozen
 class SendRequest:
     """Store a sealed message for ``to``; ``signature`` is the sender's over the submission."""
 
@@ -66,7 +66,7 @@ class SendRequest:
                    f.bytes("signature", MAX_SIGNATURE))
 
 
-@dataclass(frozen=True)
+@frozen
 class QueueRequest:
     """List the caller's unread messages with a number above ``after`` (one page); with ``upto``, only
     those numbered at most ``upto``. Ranges let a client ask for many pages at once (pipelined) instead
@@ -86,7 +86,7 @@ class QueueRequest:
         return cls(rid, f.int("after") if f.has("after") else 0, f.int("upto") if f.has("upto") else None)
 
 
-@dataclass(frozen=True)
+@frozen
 class GetRequest:
     op: ClassVar[str] = "get"
     id: RequestId
@@ -100,7 +100,7 @@ class GetRequest:
         return cls(rid, f.int("num", 1))
 
 
-@dataclass(frozen=True)
+@frozen
 class DirectoryRequest:
     """A user's current certificate and key record, or with ``fingerprint`` (SHA-256 of the DER) one of
     the user's earlier certificates: the one a stored message was sent with."""
@@ -118,7 +118,7 @@ class DirectoryRequest:
         return cls(rid, f.uid("uid"), f.bytes("fingerprint", 32) if f.has("fingerprint") else None)
 
 
-@dataclass(frozen=True)
+@frozen
 class PublishKeyRequest:
     """Publish the caller's encryption key record, signed with its certificate key."""
 
@@ -135,7 +135,7 @@ class PublishKeyRequest:
         return cls(rid, f.bytes("record", 4096), f.bytes("signature", MAX_SIGNATURE))
 
 
-@dataclass(frozen=True)
+@frozen
 class MarkReadRequest:
     """Mark message ``num`` read: sent by a client only after it has verified the message, so a read
     that fails (tampering, a revoked sender, the wrong state directory) leaves the queue as it was."""
@@ -152,7 +152,7 @@ class MarkReadRequest:
         return cls(rid, f.int("num", 1))
 
 
-@dataclass(frozen=True)
+@frozen
 class HelloRequest:
     """What the relay allows (its frame limit, its operations); a client pipelines it first."""
 
@@ -167,7 +167,7 @@ class HelloRequest:
         return cls(rid)
 
 
-@dataclass(frozen=True)
+@frozen
 class CrlListRequest:
     """Which CRLs the relay holds, each with its number and digest (not the CRLs themselves)."""
 
@@ -182,7 +182,7 @@ class CrlListRequest:
         return cls(rid)
 
 
-@dataclass(frozen=True)
+@frozen
 class CrlRequest:
     """A piece of the CRL with SHA-256 ``digest``, from byte ``offset``: a CRL with thousands of
     revocations travels in pieces that each fit a frame."""
@@ -200,7 +200,7 @@ class CrlRequest:
         return cls(rid, f.bytes("digest", 32), f.int("offset") if f.has("offset") else 0)
 
 
-@dataclass(frozen=True)
+@frozen
 class SubscribeRequest:
     """Live delivery: from now on, while the connection lasts, the relay pushes a :class:`QueuedEvent`
     whenever a message is stored in the caller's queue. Requests go on being answered as before."""
@@ -246,7 +246,7 @@ def request_to_wire(req: Request) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------- responses
-@dataclass(frozen=True)
+@frozen
 class QueueEntry:
     """One unread message as ``queue`` lists it: with its receipt (the signed server time) and the
     fingerprint of the sender's certificate, so the client can check the signed subject."""
@@ -272,7 +272,7 @@ class QueueEntry:
                    Receipt.from_wire(f.object("receipt")), f.bytes("sender_cert", 32))
 
 
-@dataclass(frozen=True)
+@frozen
 class StoredMessage:
     """A message as the relay stores and serves it: routing data, ciphertext and the receipt."""
 
@@ -302,7 +302,7 @@ class StoredMessage:
                    f.bytes("envelope", MAX_ENVELOPE), e.receipt, e.sender_cert, f.bool("read"))
 
 
-@dataclass(frozen=True)
+@frozen
 class SendResult:
     receipt: Receipt
 
@@ -314,7 +314,7 @@ class SendResult:
         return cls(Receipt.from_wire(f.object("receipt")))
 
 
-@dataclass(frozen=True)
+@frozen
 class QueueResult:
     """One page of the queue. ``more``: ask again after the last entry (within the same ``upto``).
     ``ranges``: this relay honours ``upto``, so the client may ask for ranges of numbers in parallel
@@ -341,7 +341,7 @@ class QueueResult:
         return cls(entries, f.bool("more"), f.bool("ranges") if f.has("ranges") else False)
 
 
-@dataclass(frozen=True)
+@frozen
 class GetResult:
     message: StoredMessage
 
@@ -353,7 +353,7 @@ class GetResult:
         return cls(StoredMessage.from_wire(f.object("message")))
 
 
-@dataclass(frozen=True)
+@frozen
 class KeyRecordWire:
     """A published encryption key record as stored: its canonical bytes and the owner's signature."""
 
@@ -368,7 +368,7 @@ class KeyRecordWire:
         return cls(f.bytes("record", 4096), f.bytes("signature", MAX_SIGNATURE))
 
 
-@dataclass(frozen=True)
+@frozen
 class DirectoryResult:
     """A user's certificate chain (DER, leaf first) and published key record.
 
@@ -389,7 +389,7 @@ class DirectoryResult:
         return cls(f.uid("uid"), chain, key)
 
 
-@dataclass(frozen=True)
+@frozen
 class PublishKeyResult:
     def to_wire(self) -> dict[str, Any]:
         return {}
@@ -399,7 +399,7 @@ class PublishKeyResult:
         return cls()
 
 
-@dataclass(frozen=True)
+@frozen
 class MarkReadResult:
     def to_wire(self) -> dict[str, Any]:
         return {}
@@ -409,7 +409,7 @@ class MarkReadResult:
         return cls()
 
 
-@dataclass(frozen=True)
+@frozen
 class HelloResult:
     """``max_frame``: the largest frame the relay reads and writes (9999 unless configured larger)."""
 
@@ -427,7 +427,7 @@ class HelloResult:
         return cls(f.int("max_frame", MIN_FRAME_LIMIT, MAX_FRAME_LIMIT), tuple(ops))
 
 
-@dataclass(frozen=True)
+@frozen
 class CrlInfo:
     """One CRL the relay holds: whose (SHA-256 of the issuer name, DER), which (CRL number) and its
     digest and size, so a client fetches only a CRL newer than the one it has verified."""
@@ -445,7 +445,7 @@ class CrlInfo:
         return cls(f.bytes("issuer", 32), f.int("number"), f.bytes("digest", 32), f.int("size", 1, MAX_CRL))
 
 
-@dataclass(frozen=True)
+@frozen
 class CrlListResult:
     crls: list[CrlInfo]
 
@@ -460,7 +460,7 @@ class CrlListResult:
         return cls([CrlInfo.from_wire(Fields(i, f.request_id)) for i in items])
 
 
-@dataclass(frozen=True)
+@frozen
 class CrlResult:
     """``data`` is the CRL's bytes from ``offset``; ``total`` its whole size."""
 
@@ -478,7 +478,7 @@ class CrlResult:
                    f.bytes("data", MAX_FRAME_LIMIT))
 
 
-@dataclass(frozen=True)
+@frozen
 class SubscribeResult:
     def to_wire(self) -> dict[str, Any]:
         return {}
@@ -497,7 +497,7 @@ RESULT_TYPES: dict[str, Any] = {"send": SendResult, "queue": QueueResult, "get":
 
 
 # ----------------------------------------------------------------------------------------- events
-@dataclass(frozen=True)
+@frozen
 class QueuedEvent:
     """Pushed to a subscribed connection: the caller's queue now holds message ``num`` (the newest the
     relay knows of). It carries no request ``id``, only a number: the client lists its queue after the

@@ -7,9 +7,10 @@ timestamp (which then decides at what time the sender's certificate must have be
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
+from pki.frozen import frozen
 from pki.keys import PrivateKey, PublicKey, sign, verify_signature
 
 from .encoding import b64e, format_time, parse_time, signing_input
@@ -18,7 +19,7 @@ from .fields import Fields
 RECEIPT_LABEL = "receipt/v1"
 
 
-@dataclass(frozen=True)
+@frozen
 class Receipt:
     msg_id: str
     sender: str
