@@ -10,7 +10,7 @@ from __future__ import annotations
 from pki.identity import is_valid_uid
 from protocol.envelope import MAX_RECIPIENTS
 
-from .connection import ClientError
+from .errors import ClientError
 from .state import ClientState
 
 _FILE = "aliases.json"

@@ -18,7 +18,8 @@ from pki.validation import trusted_crl
 from protocol.crls import crl_number, issuer_id
 from protocol.encoding import utc_now
 
-from .connection import ClientError, RelayClient
+from .errors import ClientError
+from .operations import RelayOperations
 from .state import ClientState, StateError
 
 _DOC = "crls.json"
@@ -96,7 +97,7 @@ class CrlCache:
         self.state.save_doc(_DOC, {k.hex(): base64.b64encode(d).decode() for k, d in self._der.items()})
         return True
 
-    async def refresh(self, client: RelayClient) -> None:
+    async def refresh(self, client: RelayOperations) -> None:
         """Fetch from the relay every CRL newer than ours (by CRL number); nothing else travels."""
         for info in await client.crl_list():
             held = self.number(info.issuer)

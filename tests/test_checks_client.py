@@ -1,8 +1,8 @@
 """The client's own refusals, each made to refuse by a relay that lies (issue 9 §5).
 
-Framing and answers (client/connection.py), CRLs the relay serves (client/crlcache.py,
-protocol/crls.py), what ``askqueue`` shows (client/mailbox.py) and what reaches the terminal
-(client/cli.py). The relay is :class:`tests.hostile_relay.HostileRelay`.
+Framing and answers (client/operations.py, and the two connections client/connection.py and
+client/blocking.py), CRLs the relay serves (client/crlcache.py, protocol/crls.py), what ``askqueue``
+shows (client/mailbox.py) and what reaches the terminal (client/cli.py). The relay is :class:`tests.hostile_relay.HostileRelay`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from client import connection
+from client import operations
 from client.cli import COMMAND_ERROR
 from client.connection import ClientError, RelayClient
 from client.crlcache import CrlCache, CrlRefused
@@ -154,7 +154,7 @@ def test_queue_pages_that_do_not_advance_are_refused(relay, pages):
 def test_a_relay_cannot_make_a_client_hold_an_endless_queue(relay, monkeypatch):
     """Pages that do advance, but never end: the client stops at its bound (lowered here to 10; the
     relay hangs up after 100 pages, so a client without the bound fails here instead of growing)."""
-    monkeypatch.setattr(connection, "MAX_QUEUE_ENTRIES", 10)
+    monkeypatch.setattr(operations, "MAX_QUEUE_ENTRIES", 10)
     entry = relay.store("ALICE", "BOB", "c" * 32, _sealed(), num=1).entry()
     pages = []
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from client import connection
+from client import operations
 from client.connection import ClientError, RelayClient
 from pki.keystore import load_keystore
 from protocol.encoding import utc_now
@@ -56,7 +56,7 @@ async def _fill(directory: Path, port: int, n: int) -> None:
 
 
 def test_ranges_list_what_pages_list_gaps_included(pki, monkeypatch):
-    monkeypatch.setattr(connection, "QUEUE_WINDOW", 3)  # several windows, and gaps that end one
+    monkeypatch.setattr(operations, "QUEUE_WINDOW", 3)  # several windows, and gaps that end one
     server = private_relay(pki)
     try:
         assert private_client(server, pki, "BOB", "askqueue").code == 0  # Bob's key published
@@ -173,7 +173,7 @@ def test_an_empty_range_page_that_says_more_is_refused(relay):
 def test_ranges_that_never_end_stop_at_the_bound(relay, monkeypatch):
     """Every range full and ``more`` on every open page: the client stops at its bound (10 here); the relay
     hangs up after 400 requests, so a client without the bound fails here instead of growing."""
-    monkeypatch.setattr(connection, "MAX_QUEUE_ENTRIES", 10)
+    monkeypatch.setattr(operations, "MAX_QUEUE_ENTRIES", 10)
     template = _entries(relay, range(1, 2))[0]
     asked = []
 
@@ -188,15 +188,15 @@ def test_ranges_that_never_end_stop_at_the_bound(relay, monkeypatch):
     relay.answers["queue"] = answer
     with pytest.raises(ClientError, match="more than 10 unread messages listed"):
         _queue(relay)
-    assert len(asked) <= 1 + connection.QUEUE_WINDOW
+    assert len(asked) <= 1 + operations.QUEUE_WINDOW
 
 
 def test_ranges_empty_but_the_last_stop_at_the_request_bound(relay, monkeypatch):
     """Each window holds one entry, in its last range, so the client keeps asking window after window
     while holding few entries: it stops after 2 x MAX_QUEUE_ENTRIES + QUEUE_WINDOW requests (24 here),
     before the entry bound; the relay hangs up after 200, so a client without the bound fails here."""
-    monkeypatch.setattr(connection, "MAX_QUEUE_ENTRIES", 10)
-    monkeypatch.setattr(connection, "QUEUE_WINDOW", 4)
+    monkeypatch.setattr(operations, "MAX_QUEUE_ENTRIES", 10)
+    monkeypatch.setattr(operations, "QUEUE_WINDOW", 4)
     template = _entries(relay, range(1, 2))[0]
     asked = []
 

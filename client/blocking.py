@@ -1,0 +1,165 @@
+"""``BlockingRelayClient``: one-shot commands on a plain blocking TLS socket, no event loop.
+
+A command like ``send`` or ``askqueue`` is one short conversation; importing and starting asyncio cost
+about a tenth of its whole run. The operations are the same coroutines as on asyncio
+(:class:`client.operations.RelayOperations`), but nothing here ever suspends: writing blocks until the
+kernel took the bytes, and waiting for an answer reads frames until it has come. :func:`run_blocking`
+drives such a coroutine to its end in one step, and refuses one that tries to wait on an event loop.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+from pki.tls import peer_certificate
+from protocol.messages import Request
+
+from .errors import ClientError, ConnectionLost, handshake_failure, rejection
+from .operations import Answer, RelayOperations
+
+T = TypeVar("T")
+
+# Request bytes written and not yet answered, at most: the relay may stop reading while its answers wait
+# for us, so we read them before writing more than its socket buffers surely hold (no deadlock).
+UNANSWERED_BYTES = 64 * 1024
+
+
+def run_blocking(coro: Coroutine[Any, Any, T]) -> T:
+    """The value of a coroutine that never suspends (every await in it ends in blocking I/O)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coro.close()
+    raise RuntimeError("a blocking command awaited an event loop")
+
+
+class Pending:
+    """Where one request's answer lands (the subset of an asyncio future that answers need)."""
+
+    __slots__ = ("_result", "_error", "size")
+
+    def __init__(self, size: int) -> None:
+        self._result: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+        self.size = size  # of the request's frame, until answered
+
+    def done(self) -> bool:
+        return self._result is not None or self._error is not None
+
+    def set_result(self, result: dict[str, Any]) -> None:
+        self._result = result
+
+    def set_exception(self, exception: BaseException) -> None:
+        self._error = exception
+
+    def result(self) -> dict[str, Any]:
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+
+class BlockingRelayClient(RelayOperations):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sock: ssl.SSLSocket | None = None
+
+    async def __aenter__(self) -> "BlockingRelayClient":
+        await self.connect()
+        return self
+
+    async def _connect_one(self) -> None:
+        raw = None
+        try:
+            raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # pipelined requests go out at once
+            sock = self._ctx.wrap_socket(raw, server_hostname=self.host)
+        except OSError as exc:  # ssl errors, timeouts and unreachable hosts alike
+            if raw is not None:
+                raw.close()
+            raise handshake_failure(exc, self.host, self.port) from None
+        self._sock = sock
+        try:
+            self._check_server(peer_certificate(sock))
+        except ClientError:
+            await self.close()
+            raise
+        await self._say_hello()
+
+    async def close(self) -> None:
+        self._fail_all(ClientError("connection closed"))
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    async def _submit(self, requests: Sequence[Request]) -> list[Answer]:
+        if self._broken is not None:
+            raise self._broken
+        if self._sock is None:
+            await self.connect()
+        answers: list[Answer] = []
+        out: list[bytes] = []
+        for req, frame in zip(requests, self._frames(requests), strict=True):
+            pending = Pending(len(frame))
+            self._inflight.append((req, pending))
+            answers.append(pending)
+            out.append(frame)
+            if sum(map(len, out)) >= UNANSWERED_BYTES:
+                self._write(b"".join(out))
+                out = []
+                while self._broken is None and self._unanswered() >= UNANSWERED_BYTES:
+                    self._read(time.monotonic() + self.timeout)
+        if out:
+            self._write(b"".join(out))
+        return answers
+
+    def _unanswered(self) -> int:
+        return sum(p.size for _, p in self._inflight if isinstance(p, Pending))
+
+    def _write(self, data: bytes) -> None:
+        if self._broken is not None:
+            self._fail_all(self._broken)  # answers added since the connection broke learn it too
+            return
+        assert self._sock is not None
+        try:
+            self._sock.settimeout(self.timeout)
+            self._sock.sendall(data)
+        except TimeoutError:
+            self._fail_all(ConnectionLost("the relay did not take our requests in time"))
+        except ssl.SSLError as exc:
+            self._fail_all(rejection(exc) or self._lost(f"TLS error: {exc.reason or exc}"))
+        except OSError as exc:
+            self._fail_all(self._lost(exc.strerror or str(exc)))
+
+    async def _wait(self, answer: Answer) -> dict[str, Any]:
+        assert isinstance(answer, Pending)
+        deadline = time.monotonic() + self.timeout
+        while not answer.done():
+            self._read(deadline)
+        return answer.result()
+
+    def _read(self, deadline: float) -> None:
+        """One read from the relay, its frames dispatched; every failure lands in the waiting answers."""
+        if self._sock is None:
+            self._fail_all(self._broken or ClientError("connection closed"))
+            return
+        try:
+            self._sock.settimeout(max(0.0, deadline - time.monotonic()) or 1e-3)
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                raise ConnectionLost("the relay did not answer in time") from None
+            except ssl.SSLError as exc:
+                raise (rejection(exc) or self._lost(f"TLS error: {exc.reason or exc}")) from None
+            except OSError as exc:
+                raise self._lost(exc.strerror or str(exc)) from None
+            if not data:
+                raise self._lost("connection closed")
+            self._received(data)
+        except ClientError as exc:
+            self._fail_all(exc)
