@@ -2,9 +2,11 @@
 
 Why: on Python 3.11 ``@dataclass`` compiles every generated method with ``exec`` as the class is
 defined, about 0.3 ms a class. ``msg-client`` imports some 40 message and record classes and a command
-instantiates a handful, so defining them all eagerly cost about 11 ms of a 100 ms command. From its
-first instance on the class is an ordinary frozen dataclass (fields, equality, hashing, repr,
-``dataclasses.replace``); before it, no instance exists to tell the difference.
+instantiates about 20, so defining them all eagerly cost about 11 ms of a 100 ms command. From its first
+instance on the class is a frozen dataclass (fields, ``dataclasses.replace``, immutability); before it,
+no instance exists to tell the difference. Of the generated methods only those that must be fast per
+instance are compiled (``__init__`` and the frozen ``__setattr__``/``__delattr__``); equality, hashing
+and ``repr`` are the shared functions below, which behave as the generated ones do.
 
 Only for a class without dataclass bases or subclasses (a dataclass subclass needs its base's fields
 when it is defined).
@@ -20,6 +22,35 @@ T = TypeVar("T", bound=type)
 _making = threading.Lock()  # two threads creating the first instance at once make the class once
 
 
+def _compared(obj: Any) -> tuple[Any, ...]:
+    return tuple(getattr(obj, name) for name in type(obj).__frozen_compare__)
+
+
+def _eq(self: Any, other: object) -> bool:
+    if other.__class__ is not self.__class__:
+        return NotImplemented
+    return _compared(self) == _compared(other)
+
+
+def _hash(self: Any) -> int:
+    return hash(_compared(self))
+
+
+def _repr(self: Any) -> str:
+    shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in type(self).__frozen_repr__)
+    return f"{type(self).__qualname__}({shown})"
+
+
+def _make(cls: type) -> None:
+    dataclasses.dataclass(frozen=True, eq=False, repr=False)(cls)
+    fields = dataclasses.fields(cls)
+    cls.__frozen_compare__ = tuple(f.name for f in fields if f.compare)  # type: ignore[attr-defined]
+    cls.__frozen_repr__ = tuple(f.name for f in fields if f.repr)  # type: ignore[attr-defined]
+    cls.__eq__ = _eq  # type: ignore[assignment]
+    cls.__hash__ = _hash  # type: ignore[assignment]
+    cls.__repr__ = _repr  # type: ignore[assignment]
+
+
 @dataclass_transform(frozen_default=True)
 def frozen(cls: T) -> T:
     """Decorate ``cls`` as ``@dataclass(frozen=True)`` would, on its first instantiation."""
@@ -28,7 +59,7 @@ def frozen(cls: T) -> T:
         with _making:
             if cls.__dict__.get("__init__") is first_init:
                 del cls.__init__  # type: ignore[misc]  # else the dataclass would keep it
-                dataclasses.dataclass(frozen=True)(cls)
+                _make(cls)
         cls.__init__(self, *args, **kwargs)  # type: ignore[misc]
 
     cls.__init__ = first_init  # type: ignore[misc]
