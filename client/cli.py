@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import signal
 import sys
@@ -39,6 +38,7 @@ from .aliases import Aliases, split_recipients
 from .blocking import BlockingRelayClient, run_blocking
 from .errors import ClientError
 from .keys import Keyring
+from .log import log
 from .mailbox import Mailbox, QueueLine, ReadMessage, Unreadable
 from .operations import RelayOperations
 from .state import ClientState, default_state_dir
@@ -82,9 +82,6 @@ options:
   --timeout S            seconds to wait for the relay (default 30)
   --verbose, -v          details of errors and debug logging
   --help, -h             this text"""
-
-log = logging.getLogger("msg_relay.client")
-
 
 class CommandError(Exception):
     pass
@@ -256,7 +253,7 @@ async def _run(opts: argparse.Namespace) -> int:
                 print(f"sent {receipt.msg_id} to {receipt.recipient} at {format_time(receipt.server_time)}")
         elif opts.command == "askqueue":
             for line in await mailbox.queue():
-                _print_line(line)
+                _print_line(line, flush=False)  # one write at the end, not one per line
         elif opts.command == "getmsg":
             _print_message(await mailbox.read(int(opts.args[0])))
         elif opts.command == "watch":
@@ -274,10 +271,10 @@ def _connection(command: str) -> type[RelayOperations]:
     return BlockingRelayClient
 
 
-def _print_line(line: QueueLine) -> None:
-    """One ``askqueue`` line: ``<NUM>:<SENDER>:<TIME>:<SUBJECT>``."""
+def _print_line(line: QueueLine, flush: bool = True) -> None:
+    """One ``askqueue`` line: ``<NUM>:<SENDER>:<TIME>:<SUBJECT>`` (``watch`` shows each one at once)."""
     subject = line.subject if line.subject is not None else UNVERIFIABLE
-    print(f"{line.num}:{line.sender}:{line.server_time.strftime('%Y-%m-%dT%H:%M:%SZ')}:{subject}", flush=True)
+    print(f"{line.num}:{line.sender}:{line.server_time.strftime('%Y-%m-%dT%H:%M:%SZ')}:{subject}", flush=flush)
 
 
 def _print_message(msg: ReadMessage) -> None:
@@ -325,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         return 130
+    finally:
+        log.for_library()
 
 
 def _keys(keyring: Keyring, action: str, file: str) -> int:
@@ -360,8 +359,7 @@ def _main(argv: Sequence[str] | None) -> int:
         print(exc, file=sys.stderr)
         print(HELP, file=sys.stderr)
         return 1
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    log.for_command_line(verbose)
     if wants_help or opts.command == "help":
         print(HELP)
         return 0
