@@ -6,11 +6,10 @@ This is where a client decides whether to believe a message. Every check failure
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import logging
 import secrets
 from collections.abc import Callable
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -20,6 +19,7 @@ from pki.frozen import frozen
 from pki.identity import MSG_SERVER, cert_fingerprint
 from pki.keys import PublicKey
 from pki.validation import Role, TrustPolicy
+from pki.verdicts import Span
 from protocol.encoding import format_time, utc_now
 from protocol.envelope import (
     SIGNED_SUBJECT_VERSIONS,
@@ -45,12 +45,13 @@ from protocol.keyrecord import (
 from protocol.messages import DirectoryResult, QueueEntry, RemoteError, StoredMessage
 from protocol.receipts import Receipt
 
-from .connection import ClientError, ConnectionLost, RelayClient, ServerRejected
 from .crlcache import CrlCache, CrlOlder
+from .errors import ClientError, ConnectionLost, ServerRejected
 from .keys import Keyring, OwnKey
+from .log import log
+from .operations import RelayOperations
 from .state import ClientState
 
-log = logging.getLogger("msg_relay.client")
 DIRECTORY_CACHE = 256  # directory answers kept for the rest of one command
 # msg-client watch: a ping after this many seconds without an event (a dead relay is noticed, and the
 # relay's idle timeout of 300 s never closes a watcher); CRLs and directory answers are taken afresh
@@ -66,6 +67,15 @@ class QueueLine:
     sender: str
     server_time: dt.datetime  # from the signed receipt when the subject verified
     subject: str | None  # None when the subject could not be read or verified
+
+
+class _Valid(NamedTuple):
+    """A certificate validated_certificate accepted, and the span of times that verdict covers under ``policy``."""
+
+    policy: TrustPolicy
+    span: Span
+    cert: x509.Certificate
+    entry: DirectoryResult
 
 
 @frozen
@@ -109,7 +119,7 @@ class Unreadable:
 
 
 class Mailbox:
-    def __init__(self, client: RelayClient, state: ClientState, policy: TrustPolicy, kem: str = DEFAULT_KEM,
+    def __init__(self, client: RelayOperations, state: ClientState, policy: TrustPolicy, kem: str = DEFAULT_KEM,
                  require_crl: bool = True) -> None:
         """``policy`` holds the trust anchors and any CRL the user gave (``--crl``); CRLs the relay serves
         join them through the client's CRL cache, newest verified per CA. Without ``require_crl``
@@ -129,6 +139,7 @@ class Mailbox:
         self.require_crl = require_crl
         self._policy: TrustPolicy | None = None
         self._directory: dict[tuple[str, bytes | None], DirectoryResult] = {}
+        self._valid: dict[tuple[str, bytes, Role], _Valid] = {}  # see validated_certificate
 
     async def policy(self) -> TrustPolicy:
         """The trust policy with the newest CRLs: the relay's list is checked once per command, and
@@ -335,6 +346,8 @@ class Mailbox:
         Subscribe first, list second: a message stored in between is in the list, and one stored after
         is announced. Only numbers above the last one shown are listed, so a reconnection neither
         misses a message nor shows one twice."""
+        import asyncio  # watch alone runs on an event loop (one-shot commands start none)
+
         loop = asyncio.get_running_loop()
         shown = 0
         wait = retry[0]
@@ -398,12 +411,13 @@ class Mailbox:
 
     async def _queue_line(self, e: QueueEntry) -> QueueLine:
         facts = self.state.subjects()
+        reader = self.uid
         try:
             r = e.receipt
-            key = facts.key(self.uid, e)
+            key = facts.key(reader, e)
             known = facts.get(key)  # the subject, if these very bytes verified before
             await self._check_receipt(r, signature_verified=known is not None)
-            if (r.msg_id, r.sender, r.recipient, r.queue_number) != (e.msg_id, e.sender, self.uid, e.num):
+            if (r.msg_id, r.sender, r.recipient, r.queue_number) != (e.msg_id, e.sender, reader, e.num):
                 raise VerificationError("receipt does not match the queue entry")
             if e.envelope_version not in SIGNED_SUBJECT_VERSIONS:
                 raise VerificationError("subject not signed (an envelope older than version 3)")
@@ -411,7 +425,7 @@ class Mailbox:
             # the CRLs of now (a sender revoked since shows as unverifiable).
             cert, _ = await self.validated_certificate(e.sender, r.server_time, e.sender_cert)
             if known is None:
-                subject = read_subject(e.envelope_version, e.header, reader=self.uid, sender=e.sender,
+                subject = read_subject(e.envelope_version, e.header, reader=reader, sender=e.sender,
                                        msg_id=e.msg_id, keyring=self.keyring,
                                        sender_key=cert.public_key())  # type: ignore[arg-type]
                 facts.put(key, subject)
@@ -432,7 +446,16 @@ class Mailbox:
         by its digest, so it never goes stale), and the directory is not asked for it again; the entry
         returned then has no key record (callers with a fingerprint use the certificate only). Whatever
         its source, the chain is validated on every call.
+
+        Within one policy (the CRLs of this command), a certificate named by its fingerprint that validated
+        is kept with the span of times for which its validation stands as it is (pki.verdicts.Verdicts.span:
+        the chain's dates, and only for a chain these CRLs revoke at no time), so a queue validating one
+        sender's certificate at each line's time compares a time per line. Any time outside the span, a
+        chain revoked at any date, or another policy is validated in full.
         """
+        held = self._valid.get((uid, fingerprint, role)) if fingerprint is not None else None
+        if held is not None and held.policy is self._policy and held.span.covers(at):
+            return held.cert, held.entry
         entry = self._directory.get((uid, fingerprint))
         kept = None if entry is not None or fingerprint is None else self.state.known_chain(uid, fingerprint)
         if kept is not None:
@@ -463,7 +486,21 @@ class Mailbox:
         if fingerprint is not None and kept is None:
             self.state.remember_chain(uid, fingerprint, entry.chain)
         self.state.save_verdicts()
+        if fingerprint is not None:
+            self._keep_valid((uid, fingerprint, role), policy, certs[0], pool, at, entry)
         return certs[0], entry
+
+    def _keep_valid(self, key: tuple[str, bytes, Role], policy: TrustPolicy, cert: x509.Certificate,
+                    pool: list[x509.Certificate], at: dt.datetime, entry: DirectoryResult) -> None:
+        """Keep what validated_certificate just accepted, for the span its verdict stands (if it has one).
+        Bounded as the directory answers are: a relay naming thousands of certificates cannot grow it."""
+        if policy.verdicts is None or key not in self._valid and len(self._valid) >= DIRECTORY_CACHE:
+            return
+        span = policy.verdicts.span(policy, cert, pool, key[2], at)
+        if span is None:
+            self._valid.pop(key, None)
+        else:
+            self._valid[key] = _Valid(policy, span, cert, entry)
 
     async def read(self, num: int) -> ReadMessage:
         msg: StoredMessage = await self.client.get(num)

@@ -18,9 +18,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
-import logging
 import os
-import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,11 +27,12 @@ from pki.files import read_bytes, write_atomic
 from protocol.fields import Fields
 from protocol.receipts import Receipt
 
+from .log import log
+
 if TYPE_CHECKING:
     from pki.verdicts import Verdicts
     from protocol.messages import QueueEntry
 
-log = logging.getLogger("msg_relay.client")
 
 # How long the fact "the relay holds our current key record" is taken without asking the relay again.
 # A relay that lost the record (a database restored from a backup) gets it back within this time.
@@ -42,6 +41,8 @@ CHAINS_KEPT = 256  # certificate chains kept by fingerprint (senders, the relay'
 SUBJECTS_KEPT = 200_000  # verified queue subjects held by one command (twice the longest queue listed)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _MICROSECOND = dt.timedelta(microseconds=1)
+# SubjectFacts.key: six netstrings, three numbers, five lengths (the byte fields follow the text).
+_FACT_HEAD = "msg-relay/subject-fact/v2\0" + "%d:%s," * 6 + "%d,%d,%d|%d,%d,%d,%d,%d|"
 _VERDICTS, _CHAINS, _PUBLISHED, _SUBJECTS = "verdicts.json", "certificates.json", "published.json", "subjects.json"
 
 
@@ -296,14 +297,20 @@ class SubjectFacts:
     def key(reader: str, entry: "QueueEntry") -> str:
         """The digest of what the two kept checks read. The receipt enters by the fields its signed bytes
         are made of (its time as whole microseconds, as the signed text has it), not by those bytes:
-        formatting the time costs more than the rest together."""
+        formatting the time costs more than the rest together.
+
+        Made for every line of a listing, so in one formatting and three hash updates: the text fields as
+        netstrings (length, colon, text), the numbers in decimal, the byte fields' lengths, then those bytes
+        in a fixed order; unambiguous whatever the fields hold."""
         r = entry.receipt
         micros = (r.server_time - _EPOCH) // _MICROSECOND
-        h = hashlib.sha256(b"msg-relay/subject-fact/v1")
-        for part in (reader.encode(), entry.sender.encode(), entry.msg_id.encode(), b"%d" % entry.envelope_version,
-                     entry.header, r.msg_id.encode(), r.sender.encode(), r.recipient.encode(), r.digest,
-                     b"%d" % micros, b"%d" % r.queue_number, r.signer, r.signature, entry.sender_cert):
-            h.update(struct.pack(">I", len(part)) + part)
+        s, m, rm, rs, rr = entry.sender, entry.msg_id, r.msg_id, r.sender, r.recipient
+        head = _FACT_HEAD % (len(reader), reader, len(s), s, len(m), m, len(rm), rm, len(rs), rs, len(rr), rr,
+                             entry.envelope_version, micros, r.queue_number, len(entry.header), len(r.digest),
+                             len(r.signer), len(r.signature), len(entry.sender_cert))
+        h = hashlib.sha256(head.encode())
+        h.update(entry.header)
+        h.update(r.digest + r.signer + r.signature + entry.sender_cert)
         return h.hexdigest()
 
     def get(self, key: str) -> str | None:

@@ -29,7 +29,7 @@ import datetime as dt
 import hashlib
 import struct
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cryptography import x509
 
@@ -53,6 +53,19 @@ def _key(*parts: bytes | str) -> str:
 
 def _ts(t: dt.datetime) -> float:
     return (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).timestamp()
+
+
+_END_OF_TIME = dt.datetime.max.replace(tzinfo=dt.timezone.utc)
+
+
+class Span(NamedTuple):
+    """Times (POSIX seconds, ``start <= t < end``) for which a path verdict stands as it is (Verdicts.span)."""
+
+    start: float
+    end: float
+
+    def covers(self, at: dt.datetime) -> bool:
+        return self.start <= _ts(at) < self.end
 
 
 class Verdicts:
@@ -126,23 +139,56 @@ class Verdicts:
     def validate(self, policy: "TrustPolicy", cert: x509.Certificate, untrusted: Sequence[x509.Certificate],
                  role: "Role", at: dt.datetime | None) -> Identity:
         """``policy.validate`` with the verdicts kept here: the same answer, worked out only when needed."""
-        # The key of these inputs, once per set of objects within this process (a queue validates the same
-        # sender's certificate for each of its lines); the objects are held, so their ids stay theirs.
+        key = self._inputs_key(policy, cert, untrusted, role, at is None)
+        if at is None:
+            return self._now(policy, cert, untrusted, role, key)
+        return self._at(policy, cert, untrusted, role, at, key)
+
+    def span(self, policy: "TrustPolicy", cert: x509.Certificate, untrusted: Sequence[x509.Certificate],
+             role: "Role", at: dt.datetime) -> Span | None:
+        """After ``validate(..., at)`` accepted: the times for which the same inputs give the same answer
+        with nothing left to check, so a caller validating them again and again (a queue, one line per
+        message of a sender) may compare a time instead. None when there is no such span.
+
+        The span is the kept path's dates (every chain certificate valid), and only when the policy's CRLs
+        revoke the chain at no time at all: the revocation check at a time is monotone (a revocation counts
+        from its date on; a compromise, or a CRL missing, counts whatever the time), so a chain that passes
+        it at the end of time passes it at every time. A chain those CRLs revoke at any date gets no span:
+        each of its times is checked in full, as before."""
+        key = self._inputs_key(policy, cert, untrusted, role, False)
+        held = self.paths.get(key)
+        if held is None or not _holds(held, _ts(at)):
+            return None
+        chain = self._chain_memo.get(key) or self._chain(held.get("chain"), cert, untrusted, policy.anchors)
+        if chain is None:
+            return None
+        if policy.crls:
+            from .errors import ValidationError
+
+            try:
+                policy._check_revocation_at(chain, _END_OF_TIME)
+            except ValidationError:
+                return None
+        return Span(held["from"], held["until"])
+
+    def _inputs_key(self, policy: "TrustPolicy", cert: x509.Certificate, untrusted: Sequence[x509.Certificate],
+                    role: "Role", now: bool) -> str:
+        """The key of a verdict's inputs (the CRLs among them for a verdict of now)."""
+        # Worked out once per set of objects within this process (a queue validates the same sender's
+        # certificate for each of its lines); the objects are held, so their ids stay theirs.
         objects = (policy, cert, *untrusted)
-        ids = (at is None, role, *map(id, objects))
+        ids = (now, role, *map(id, objects))
         held = self._keys.get(ids)
         if held is None or any(a is not b for a, b in zip(held[0], objects, strict=True)):
             pool = sorted(self.fingerprint(c) for c in untrusted)
             anchors = sorted(self.fingerprint(a) for a in policy.anchors)
             inputs = [self.fingerprint(cert), *pool, b"|", *anchors, b"|", role, "\0no OU check" if policy.org_unit is None else policy.org_unit]
-            if at is None:
+            if now:
                 inputs += [b"|", *sorted(self.fingerprint(c) for c in policy.crls)]
             if len(self._keys) >= _MEMO:
                 self._keys.clear()
-            held = self._keys[ids] = (objects, _key("now" if at is None else "path", *inputs))
-        if at is None:
-            return self._now(policy, cert, untrusted, role, held[1])
-        return self._at(policy, cert, untrusted, role, at, held[1])
+            held = self._keys[ids] = (objects, _key("now" if now else "path", *inputs))
+        return held[1]
 
     def _now(self, policy: "TrustPolicy", cert: x509.Certificate, untrusted: Sequence[x509.Certificate],
              role: "Role", key: str) -> Identity:

@@ -17,6 +17,10 @@ from .errors import ErrorCode, ProtocolError
 
 MSG_ID_RE = re.compile(r"[0-9a-f]{32}")
 MAX_INT = 2**53 - 1  # exact in every JSON implementation
+# UIDs that passed is_valid_uid (a queue names the same few senders thousands of times). Only strings
+# that passed are added, so a hit is the check's own answer; bounded, since peers choose what they send.
+_VALID_UIDS: set[str] = set()
+_UIDS_KEPT = 4096
 
 
 class _Required:
@@ -40,9 +44,10 @@ class Fields:
         return self.obj.get(name) is not None
 
     def _get(self, name: builtins.str) -> Any:
-        if name not in self.obj:
-            raise self.fail(f"missing field {name!r}")
-        return self.obj[name]
+        try:
+            return self.obj[name]
+        except KeyError:
+            raise self.fail(f"missing field {name!r}") from None
 
     def str(self, name: builtins.str, max_len: builtins.int = 256) -> builtins.str:
         value = self._get(name)
@@ -77,8 +82,13 @@ class Fields:
 
     def uid(self, name: builtins.str) -> builtins.str:
         value = self.str(name, 64)
+        if value in _VALID_UIDS:
+            return value
         if not is_valid_uid(value):
             raise self.fail(f"field {name!r} is not a valid UID")
+        if len(_VALID_UIDS) >= _UIDS_KEPT:
+            _VALID_UIDS.clear()
+        _VALID_UIDS.add(value)
         return value
 
     def msg_id(self, name: builtins.str = "msg_id") -> builtins.str:

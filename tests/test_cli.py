@@ -361,3 +361,26 @@ def test_every_server_option_help_shows_its_default(monkeypatch: pytest.MonkeyPa
     for block in blocks:
         if not block.lstrip().startswith("-h, --help"):
             assert "(default: " in block, block
+
+
+# ------------------------------------------------------------------ what a command costs (issue 14)
+def _fresh_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT)
+
+
+def test_a_command_line_start_imports_no_event_loop_no_logging_no_pyopenssl() -> None:
+    """asyncio (with concurrent.futures) and logging cost a fifth of a one-shot command and pyOpenSSL more
+    (each is loaded only by what needs it: watch, a due log line, a path validation)."""
+    done = _fresh_python("import sys, client.cli; "
+                         "print(sorted({'asyncio', 'concurrent', 'logging', 'OpenSSL'} & set(sys.modules)))")
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+def test_the_command_line_log_drops_what_is_not_due_and_formats_what_is() -> None:
+    done = _fresh_python("import sys; from client.log import log; log.for_command_line(False); "
+                         "log.debug('hidden %s', 1); log.info('hidden'); print('logging' in sys.modules); "
+                         "log.warning('shown %s', 2)")
+    assert done.stdout.strip() == "False" and done.stderr == "WARNING msg_relay.client: shown 2\n", done
+    verbose = _fresh_python("from client.log import log; log.for_command_line(True); log.debug('seen %s', 3)")
+    assert verbose.stderr == "DEBUG msg_relay.client: seen 3\n", verbose
