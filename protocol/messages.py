@@ -19,7 +19,7 @@ from . import PROTOCOL_VERSION
 from .encoding import b64e, format_time, parse_time
 from .errors import ErrorCode, ProtocolError
 from .fields import MAX_INT, Fields
-from .frames import MAX_FRAME_LIMIT, MIN_FRAME_LIMIT, FrameError, encode_frame
+from .frames import HEADER, MAX_FRAME_LIMIT, MIN_FRAME_LIMIT, FrameError, encode_frame
 from .receipts import Receipt
 
 RequestId = Union[str, int]
@@ -323,8 +323,10 @@ class QueueResult:
     entries: list[QueueEntry]
     more: bool = False
     ranges: bool = False
-    # The entries' wire form when the relay has made it already (sizing the page): not made twice.
-    wire: list[dict[str, Any]] | None = dataclasses.field(default=None, compare=False, repr=False)
+    # The entries' wire form when the relay has made it already (sizing the page): not made twice. Encoded:
+    # their JSON text, kept with each message since it was stored (only encode_response can frame that).
+    wire: list[dict[str, Any]] | QueuePage.Encoded | None = dataclasses.field(default=None, compare=False,
+                                                                               repr=False)
 
     def to_wire(self) -> dict[str, Any]:
         messages = self.wire if self.wire is not None else [e.to_wire() for e in self.entries]
@@ -560,33 +562,90 @@ def parse_response(obj: dict[str, Any], op: str) -> Result:
 
 class QueuePage:
     """A ``queue`` answer being filled: entries are taken while they fit one frame of ``max_frame`` bytes,
-    so the relay can read its store a few rows at a time and stop as soon as the frame is full."""
+    so the relay can read its store a few rows at a time and stop as soon as the frame is full.
+
+    The relay fills it with entries' wire texts (:meth:`add_encoded`), made once when each message was
+    stored (:meth:`encode`): a page is then sized by the texts' lengths and framed by joining them, with
+    no entry encoded again. :meth:`add` takes a typed entry (a page built without a store)."""
+
+    class Encoded:
+        """Entries as JSON text, which :func:`encode_response` puts in the frame as they are. Plain
+        ``json.dumps`` refuses this (TypeError) rather than send the texts as JSON strings."""
+
+        __slots__ = ("texts",)
+        # encode_frame's settings, the encoder built once (json.dumps with arguments builds one per call)
+        _json: ClassVar[json.JSONEncoder] = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+        def __init__(self, texts: list[str]) -> None:
+            self.texts = texts  # each one JSON object made by QueuePage.encode (the store checks it on reading)
+
+        def frame(self, response: dict[str, Any], max_frame: int) -> bytes:
+            """The frame of ``response``, whose value this is for one field, byte for byte what
+            :func:`encode_frame` makes of the entries' objects: the other fields through json.dumps,
+            the texts between them; FrameError beyond ``max_frame``."""
+            dumps = self._json.encode
+            keys = list(response)
+            at = next(i for i, key in enumerate(keys) if response[key] is self)
+            head = dumps({key: response[key] for key in keys[:at]})[:-1]  # "{...", its "}" cut
+            tail = dumps({key: response[key] for key in keys[at + 1:]})[1:]  # "...}", its "{" cut
+            body = "".join((head, "," if at else "", dumps(keys[at]), ":[", ",".join(self.texts), "]",
+                            "," if len(tail) > 1 else "", tail)).encode("utf-8")
+            if len(body) > max_frame:
+                raise FrameError(ErrorCode.TOO_LARGE, f"frame of {len(body)} bytes exceeds the limit of {max_frame}")
+            return HEADER.pack(len(body)) + body
+
+    # The answer of an empty page to request id 0, less that id: what a page costs beyond entries and id.
+    _frame_cost: ClassVar[int] = len(json.dumps(ok_response(0, QueueResult([], True, True)))) - len("0")
 
     def __init__(self, rid: RequestId, max_frame: int, ranges: bool = False) -> None:
         self.ranges = ranges
         self.entries: list[QueueEntry] = []
         self.wire: list[dict[str, Any]] = []
-        self.budget = max_frame - len(json.dumps(ok_response(rid, QueueResult([], True, True)))) - 16
+        self.texts: list[str] = []
+        self.budget = max_frame - QueuePage._frame_cost - len(json.dumps(rid)) - 16
+
+    @staticmethod
+    def encode(entry: QueueEntry) -> str:
+        """``entry``'s wire text: ASCII (non-ASCII characters escaped), so its length is its size in a frame."""
+        return json.dumps(entry.to_wire(), separators=(",", ":"))
 
     def add(self, entry: QueueEntry) -> bool:
         """Take ``entry`` if it fits; False (nothing taken) once the frame is full."""
         wire = entry.to_wire()
-        size = len(json.dumps(wire, separators=(",", ":"))) + 1
-        if size > self.budget:
+        if not self._take(len(json.dumps(wire, separators=(",", ":"))) + 1):
             return False
-        self.budget -= size
         self.entries.append(entry)
         self.wire.append(wire)
         return True
 
+    def add_encoded(self, text: str) -> bool:
+        """Take an entry's wire text (:meth:`encode`) if it fits; False (nothing taken) once the frame is full."""
+        if not self._take(len(text) + 1):
+            return False
+        self.texts.append(text)
+        return True
+
+    def _take(self, size: int) -> bool:
+        if size > self.budget:
+            return False
+        self.budget -= size
+        return True
+
     def result(self, more: bool) -> QueueResult:
+        if self.texts:
+            assert not self.entries, "a page is filled with typed entries or with texts, not both"
+            return QueueResult([], more, self.ranges, QueuePage.Encoded(self.texts))
         return QueueResult(self.entries, more, self.ranges, self.wire)
 
 
 def encode_response(response: dict[str, Any], max_frame: int) -> tuple[bytes, FrameError | None]:
     """The frame for ``response``; one that would exceed the limit becomes a ``too_large`` error frame
-    for the same request, so an answer that outgrew the frame never ends the session."""
+    for the same request, so an answer that outgrew the frame never ends the session. A queue page of
+    entries' texts (:class:`QueuePage.Encoded`) is framed without encoding them again."""
     try:
+        messages = response.get("messages")
+        if isinstance(messages, QueuePage.Encoded):
+            return messages.frame(response, max_frame), None
         return encode_frame(response, max_frame), None
     except FrameError as exc:
         rid = response.get("id")

@@ -54,16 +54,25 @@ class AuditLog:
         self._failing = False
 
     def event(self, event: str, **fields: Any) -> None:
+        self.write([self.line(event, **fields)])
+
+    def line(self, event: str, **fields: Any) -> str:
+        """One event's line, for :meth:`write`: a run of pipelined requests answered together writes its
+        lines at once (one ``write`` and flush), before any of its answers."""
         record = {"ts": self._clock.now(), "event": event}
         for key, value in fields.items():
             if value is not None:
                 record[key] = value
-        line = _ENCODER.encode(record) + "\n"
+        return _ENCODER.encode(record) + "\n"
+
+    def write(self, lines: list[str]) -> None:
+        if not lines:
+            return
         with self._lock:
             if self._stream is None:
                 return  # closed: a late event (a connection ending after shutdown) is dropped, as before
             try:
-                self._stream.write(line)
+                self._stream.write("".join(lines))
                 self._stream.flush()
             except (OSError, ValueError) as exc:
                 # A full disk must not take the relay down (logging swallowed it as well), but it must

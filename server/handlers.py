@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -41,6 +42,7 @@ from protocol.messages import (
     PublishKeyResult,
     QueuePage,
     QueueRequest,
+    QueueResult,
     Request,
     Result,
     SendRequest,
@@ -51,7 +53,7 @@ from protocol.messages import (
 from protocol.receipts import Receipt
 
 from .quota import QuotaConfig, Quotas
-from .store import AsyncStore, DuplicateMessage, Submission
+from .store import AsyncStore, DuplicateMessage, Submission, UnreadAsk, WireEntry
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class PublishedCrls:
 # QUEUE_BATCH at once. Reading 64 rows to send five cost ~4 ms a page; a page now reads what it sends.
 QUEUE_CHUNK = 8
 QUEUE_BATCH = 64
+# A page being filled asks for rows (after, how many) and is sent them; it ends with its answer.
+PageFill = Generator[UnreadAsk, list[WireEntry], QueueResult]
 QUOTA_RESEED = 5.0  # seconds: how stale one node's view of a shared queue's size may be
 
 
@@ -214,8 +218,31 @@ class Handlers:
         return SendResult(receipt)
 
     async def queue(self, req: QueueRequest, peer: Peer) -> Result:
-        """Unread entries above ``after`` (and at most ``upto``), as many as fit one frame, read from the
-        store a few rows at a time. The answer says ``ranges``: this relay honours ``upto``."""
+        """Unread entries above ``after`` (and at most ``upto``), as many as fit one frame. The answer says
+        ``ranges``: this relay honours ``upto``."""
+        (outcome,) = await self.queue_pages([req], peer)
+        if isinstance(outcome, ProtocolError):
+            raise outcome
+        return outcome
+
+    async def queue_pages(self, reqs: list[QueueRequest], peer: Peer) -> list[QueueResult | ProtocolError]:
+        """The answers to several ``queue`` requests of one user (a client pipelines a window of ranges),
+        read from the store together: one round trip to it for all their pages, not one per page. A page
+        that meets a damaged row gets an error; the others are answered."""
+        fills = {i: self._fill(req) for i, req in enumerate(reqs)}
+        out: list[QueueResult | ProtocolError | None] = [None] * len(reqs)
+        asks: dict[int, UnreadAsk] = {}
+        for i, fill in fills.items():
+            _step(fill, None, i, asks, out)
+        while asks:
+            read = await self.store.backend.unread_entries(peer.uid, list(asks.values()))
+            waiting, asks = list(asks), {}
+            for i, rows in zip(waiting, read, strict=True):
+                _step(fills[i], rows, i, asks, out)
+        return [o for o in out if o is not None]
+
+    def _fill(self, req: QueueRequest) -> PageFill:
+        """One page: entries above ``after`` (and at most ``upto``) while they fit, asked for a few rows at a time."""
         page = QueuePage(req.id, self.max_frame, ranges=True)
         after, chunk = req.after, QUEUE_CHUNK
         while True:
@@ -223,11 +250,14 @@ class Handlers:
             want = chunk if req.upto is None else min(chunk, req.upto - after)
             if want <= 0:
                 return page.result(more=False)
-            rows = await self.store.backend.list_unread(peer.uid, after, want)
+            rows = yield after, want
             for entry in rows:
                 if req.upto is not None and entry.num > req.upto:
                     return page.result(more=False)
-                if not page.add(entry):
+                if entry.text is None:
+                    raise ProtocolError(ErrorCode.INTERNAL, f"message {entry.num} in your queue is damaged in the "
+                                        "relay's store: it cannot be listed", req.id)
+                if not page.add_encoded(entry.text):
                     return page.result(more=True)
             if len(rows) < want:
                 return page.result(more=False)
@@ -282,6 +312,17 @@ class Handlers:
                                 f"({_iso(record.created)} < {_iso(held_created)})", req.id)
         await self.store.backend.put_key(peer.uid, KeyRecordWire(req.record, req.signature))
         return PublishKeyResult()
+
+
+def _step(fill: PageFill, rows: list[WireEntry] | None, i: int, asks: dict[int, UnreadAsk],
+          out: list[QueueResult | ProtocolError | None]) -> None:
+    """Hand page ``i`` its rows (None: start it): what it asks for next goes to ``asks``, its end to ``out``."""
+    try:
+        asks[i] = fill.send(rows)  # type: ignore[arg-type]  # None only starts the generator
+    except StopIteration as done:
+        out[i] = done.value
+    except ProtocolError as exc:
+        out[i] = exc
 
 
 def _stored_size(sealed: Sealed) -> int:

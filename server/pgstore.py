@@ -34,10 +34,22 @@ import asyncpg
 from pki.identity import cert_fingerprint
 from protocol.encoding import utc_now
 from protocol.envelope import ciphertext_digest
-from protocol.messages import KeyRecordWire, QueueEntry, StoredMessage
+from protocol.messages import KeyRecordWire, StoredMessage
 from protocol.receipts import Receipt
 
-from .store import DuplicateMessage, StoreError, StoreOutcome, Submission, stored_receipt
+from .store import (
+    ENTRY_COLUMNS,
+    DuplicateMessage,
+    StoreError,
+    StoreOutcome,
+    Submission,
+    UnreadAsk,
+    WireEntry,
+    entry_text,
+    rebuilt_entry,
+    servable,
+    stored_receipt,
+)
 
 log = logging.getLogger("msg_relay.server")
 
@@ -74,8 +86,20 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE crls (issuer BYTEA PRIMARY KEY, number NUMERIC NOT NULL CHECK (number >= 0), der BYTEA NOT NULL,
                        updated TIMESTAMPTZ NOT NULL);
     """,
+    # Each message keeps its queue entry's wire text, so a page is served without encoding it. Null for the
+    # rows before (filled by _fill_entries), for those a node of an older version stores meanwhile, and for
+    # a row whose columns the text is made of (ENTRY_COLUMNS) were edited: made again from them when listed.
+    """
+    ALTER TABLE messages ADD COLUMN entry TEXT;
+    CREATE FUNCTION messages_entry_stale() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN NEW.entry := NULL; RETURN NEW; END $$;
+    CREATE TRIGGER messages_entry_stale
+    BEFORE UPDATE OF num, sender, msg_id, server_time, envelope_version, header, receipt, sender_cert ON messages
+    FOR EACH ROW EXECUTE FUNCTION messages_entry_stale();
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+ENTRIES_SINCE = 2  # the migration that added messages.entry
 
 _CREATE_VERSIONS = """
 CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied TIMESTAMPTZ NOT NULL DEFAULT now())
@@ -105,8 +129,17 @@ LISTEN_RETRY = (0.1, 5.0)  # seconds: first and longest wait before the listener
 
 _INSERT_MESSAGE = """
 INSERT INTO messages (recipient, num, sender, msg_id, server_time, envelope_version, header, envelope, digest,
-                      receipt, sender_cert)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                      receipt, sender_cert, entry)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+"""
+
+# Several queue pages in one statement: for each (after, limit) of the arrays, in their order, the unread
+# rows numbered above ``after``.
+_UNREAD_ENTRIES = """
+SELECT a.ord, m.num, m.entry FROM unnest($2::bigint[], $3::bigint[]) WITH ORDINALITY AS a(after, lim, ord)
+CROSS JOIN LATERAL (SELECT num, entry FROM messages WHERE recipient=$1 AND NOT read AND num > a.after
+                    ORDER BY num LIMIT a.lim) AS m
+ORDER BY a.ord, m.num
 """
 
 
@@ -186,7 +219,7 @@ class PostgresStore:
                 receipts[i] = receipt
                 records.append((sub.recipient, num, sub.sender, sub.msg_id, receipt.server_time, sub.sealed.version,
                                 sub.sealed.header, sub.sealed.envelope, digest, json.dumps(receipt.to_wire()),
-                                sub.sender_cert))
+                                sub.sender_cert, entry_text(sub, receipt)))
             if records:
                 await conn.executemany(_INSERT_MESSAGE, records)
                 newest = {r[0]: r[1] for r in records}  # in number order: the last one per recipient
@@ -205,12 +238,20 @@ class PostgresStore:
             out.append((receipt, False) if digest == digests[i] else DuplicateMessage(sub.msg_id))
         return out
 
-    async def list_unread(self, uid: str, after: int, limit: int) -> list[QueueEntry]:
-        rows = await self._pool.fetch(
-            "SELECT num, sender, msg_id, server_time, envelope_version, header, receipt, sender_cert FROM messages"
-            " WHERE recipient=$1 AND NOT read AND num>$2 ORDER BY num LIMIT $3", uid, after, limit)
-        return [QueueEntry(r["num"], r["sender"], r["msg_id"], r["server_time"], r["envelope_version"],
-                           bytes(r["header"]), stored_receipt(r["receipt"]), bytes(r["sender_cert"])) for r in rows]
+    async def unread_entries(self, uid: str, asks: list[UnreadAsk]) -> list[list[WireEntry]]:
+        """For each ``(after, limit)``, the user's unread entries numbered above ``after`` (at most ``limit``),
+        as wire texts: several queue pages in one round trip."""
+        rows = await self._pool.fetch(_UNREAD_ENTRIES, uid, [a for a, _ in asks], [n for _, n in asks])
+        out: list[list[WireEntry]] = [[] for _ in asks]
+        for r in rows:
+            num, text = r["num"], r["entry"]
+            entry = WireEntry(num, text) if servable(num, text) else await self._rebuilt(uid, num, text)
+            out[r["ord"] - 1].append(entry)
+        return out
+
+    async def _rebuilt(self, uid: str, num: int, text: object) -> WireEntry:
+        row = await self._pool.fetchrow(f"SELECT {ENTRY_COLUMNS} FROM messages WHERE recipient=$1 AND num=$2", uid, num)
+        return rebuilt_entry(uid, num, list(row.values()) if row is not None else None, text)
 
     async def get_message(self, uid: str, num: int) -> StoredMessage | None:
         """The message, read or not; reading it changes nothing (the client marks it read once verified)."""
@@ -369,10 +410,31 @@ async def _migrate(conn: asyncpg.Connection) -> int:
             async with conn.transaction():
                 await conn.execute(MIGRATIONS[number - 1])
                 await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", number)
+        if version < ENTRIES_SINCE <= SCHEMA_VERSION:
+            await _fill_entries(conn)
         return SCHEMA_VERSION
     finally:
         if not conn.is_closed():  # a lost session has released its locks already
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+
+
+async def _fill_entries(conn: asyncpg.Connection) -> None:
+    """The wire texts of the unread messages stored before they were kept (only unread ones are listed),
+    a thousand rows per transaction, so the nodes still serving are never held up for long. A row left
+    without (a node stopped midway, one of an older version storing) is made on every listing instead."""
+    last: tuple[str, int] = ("", 0)
+    while True:
+        rows = await conn.fetch(
+            f"SELECT recipient, {ENTRY_COLUMNS} FROM messages WHERE NOT read AND entry IS NULL"
+            " AND (recipient, num) > ($1::text, $2::bigint) ORDER BY recipient, num LIMIT 1000", *last)
+        if not rows:
+            return
+        last = (rows[-1]["recipient"], rows[-1]["num"])
+        texts = [(text, r["recipient"], r["num"]) for r in rows
+                 if (text := rebuilt_entry(r["recipient"], r["num"], list(r.values())[1:]).text) is not None]
+        async with conn.transaction():
+            await conn.executemany("UPDATE messages SET entry=$1 WHERE recipient=$2 AND num=$3 AND entry IS NULL",
+                                   texts)
 
 
 _CONNECT_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)

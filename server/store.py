@@ -9,24 +9,28 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import datetime as dt
 import json
+import logging
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, Union
+from typing import Any, NamedTuple, Protocol, TypeVar, Union
 
 from pki.errors import MsgRelayError
 from pki.identity import cert_fingerprint
 from protocol.encoding import format_time, parse_time, utc_now
 from protocol.envelope import Sealed, ciphertext_digest
 from protocol.fields import Fields
-from protocol.messages import KeyRecordWire, QueueEntry, StoredMessage
+from protocol.messages import KeyRecordWire, QueueEntry, QueuePage, StoredMessage
 from protocol.receipts import Receipt
 
-SCHEMA_VERSION = 1
+# 2: each message keeps its queue entry's wire text (``entry``), so a page is served without encoding it.
+SCHEMA_VERSION = 2
 T = TypeVar("T")
+log = logging.getLogger("msg_relay.server")
 
 
 class DuplicateMessage(Exception):
@@ -47,6 +51,18 @@ class Submission:
 StoreOutcome = Union[tuple[Receipt, bool], Exception]
 
 
+class WireEntry(NamedTuple):
+    """An unread message as ``queue`` serves it: its number and its entry's wire text
+    (:meth:`protocol.messages.QueuePage.encode`), or None when its row is damaged beyond serving."""
+
+    num: int
+    text: str | None
+
+
+# What a ``queue`` page asks the store for: rows numbered above ``after``, at most ``limit`` of them.
+UnreadAsk = tuple[int, int]
+
+
 class MessageStore(abc.ABC):
     """What the relay needs from storage. Implementations are used from one thread at a time."""
 
@@ -60,7 +76,9 @@ class MessageStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def list_unread(self, uid: str, after: int, limit: int) -> list[QueueEntry]: ...
+    def unread_entries(self, uid: str, asks: list[UnreadAsk]) -> list[list[WireEntry]]:
+        """For each ``(after, limit)``, the user's unread entries numbered above ``after`` (at most ``limit``),
+        as wire texts: several queue pages read in one call."""
 
     @abc.abstractmethod
     def get_message(self, uid: str, num: int) -> StoredMessage | None:
@@ -120,10 +138,19 @@ CREATE TABLE IF NOT EXISTS messages (
     receipt TEXT NOT NULL,
     sender_cert BLOB NOT NULL,
     read INTEGER NOT NULL DEFAULT 0,
+    entry TEXT,
     PRIMARY KEY (recipient, num),
     UNIQUE (sender, msg_id)
 );
 CREATE INDEX IF NOT EXISTS messages_unread ON messages (recipient, read, num);
+"""
+# A message's entry text is made of these columns (ENTRY_COLUMNS): an edit of one of them (an operator's
+# repair, a thief) would leave a text that no longer says what the row does, so the database drops it,
+# and the relay makes it again from the columns when it lists the message. Created with schema 2.
+_ENTRY_STALE = """
+CREATE TRIGGER IF NOT EXISTS messages_entry_stale
+AFTER UPDATE OF num, sender, msg_id, server_time, envelope_version, header, receipt, sender_cert ON messages
+BEGIN UPDATE messages SET entry=NULL WHERE rowid=NEW.rowid; END
 """
 
 
@@ -143,12 +170,35 @@ class SQLiteStore(MessageStore):
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.executescript(_SCHEMA)
             row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is not None and int(row[0]) == 1:
+                self._migrate_to_2()
+                row = (str(SCHEMA_VERSION),)
             if row is None:
                 self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             elif int(row[0]) != SCHEMA_VERSION:
                 raise StoreError(f"{path}: schema version {row[0]}, this server knows {SCHEMA_VERSION}")
+            self.db.execute(_ENTRY_STALE)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{path}: cannot open database ({exc})") from None
+
+    def _migrate_to_2(self) -> None:
+        """Schema 1 to 2: the ``entry`` column, filled for the unread messages (only those are listed).
+        Restartable: a relay stopped midway adds no column twice and fills only what is left."""
+        if "entry" not in {r[1] for r in self.db.execute("PRAGMA table_info(messages)")}:
+            self.db.execute("ALTER TABLE messages ADD COLUMN entry TEXT")
+        last: tuple[str, int] = ("", 0)
+        while True:
+            rows = self.db.execute(
+                f"SELECT recipient, {ENTRY_COLUMNS} FROM messages WHERE read=0 AND entry IS NULL"
+                " AND (recipient, num) > (?, ?) ORDER BY recipient, num LIMIT 1000", last).fetchall()
+            if not rows:
+                break
+            last = (rows[-1][0], rows[-1][1])
+            texts = [(text, r[0], r[1]) for r in rows if (text := rebuilt_entry(r[0], r[1], r[1:]).text) is not None]
+            with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
+                self.db.executemany("UPDATE messages SET entry=? WHERE recipient=? AND num=?", texts)
+        self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
 
     def add_messages(self, batch: list[Submission], sign: Callable[[Receipt], Receipt]) -> list[StoreOutcome]:
         db = self.db
@@ -175,17 +225,25 @@ class SQLiteStore(MessageStore):
         receipt = sign(Receipt(sub.msg_id, sub.sender, sub.recipient, digest, utc_now(), num))
         self.db.execute(
             "INSERT INTO messages (recipient, num, sender, msg_id, server_time, envelope_version, header,"
-            " envelope, digest, receipt, sender_cert) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            " envelope, digest, receipt, sender_cert, entry) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (sub.recipient, num, sub.sender, sub.msg_id, format_time(receipt.server_time), sub.sealed.version,
-             sub.sealed.header, sub.sealed.envelope, digest, json.dumps(receipt.to_wire()), sub.sender_cert))
+             sub.sealed.header, sub.sealed.envelope, digest, json.dumps(receipt.to_wire()), sub.sender_cert,
+             entry_text(sub, receipt)))
         return receipt, True
 
-    def list_unread(self, uid: str, after: int, limit: int) -> list[QueueEntry]:
+    def unread_entries(self, uid: str, asks: list[UnreadAsk]) -> list[list[WireEntry]]:
+        return [self._unread_entries(uid, after, limit) for after, limit in asks]
+
+    def _unread_entries(self, uid: str, after: int, limit: int) -> list[WireEntry]:
         rows = self.db.execute(
-            "SELECT num, sender, msg_id, server_time, envelope_version, header, receipt, sender_cert FROM messages"
+            "SELECT num, entry FROM messages"
             " WHERE recipient=? AND read=0 AND num>? ORDER BY num LIMIT ?", (uid, after, limit)).fetchall()
-        return [QueueEntry(r[0], r[1], r[2], parse_time(r[3]), r[4], bytes(r[5]), stored_receipt(r[6]), bytes(r[7]))
-                for r in rows]
+        return [WireEntry(num, text) if servable(num, text) else self._rebuilt(uid, num, text) for num, text in rows]
+
+    def _rebuilt(self, uid: str, num: int, text: object) -> WireEntry:
+        row = self.db.execute(f"SELECT {ENTRY_COLUMNS} FROM messages WHERE recipient=? AND num=?",
+                              (uid, num)).fetchone()
+        return rebuilt_entry(uid, num, row, text)
 
     def get_message(self, uid: str, num: int) -> StoredMessage | None:
         row = self.db.execute(
@@ -262,7 +320,57 @@ def _create_private(path: str) -> None:
 
 def stored_receipt(text: str) -> Receipt:
     """A receipt as both stores keep it: its wire form, as JSON text."""
-    return Receipt.from_wire(Fields(json.loads(text)))
+    obj = json.loads(text)
+    if not isinstance(obj, dict):
+        raise ValueError("a stored receipt is not a JSON object")
+    return Receipt.from_wire(Fields(obj))
+
+
+# The columns a queue entry is made of, in QueueEntry's order (both stores).
+ENTRY_COLUMNS = "num, sender, msg_id, server_time, envelope_version, header, receipt, sender_cert"
+
+
+def entry_text(sub: Submission, receipt: Receipt) -> str:
+    """The wire text of the queue entry of a message being stored: made once, served as it is."""
+    return QueuePage.encode(QueueEntry(receipt.queue_number, sub.sender, sub.msg_id, receipt.server_time,
+                                       sub.sealed.version, sub.sealed.header, receipt, sub.sender_cert))
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_ENTRY_JSON = json.JSONDecoder(parse_constant=_not_json)  # built once: json.loads with an argument builds one per call
+
+
+def servable(num: int, text: object) -> bool:
+    """Is ``text`` an entry's wire text, for message ``num``? It goes into frames as it is, so anything
+    else (none: a row stored before texts were kept, or one edited in the database) is made again from
+    the row's columns (:func:`rebuilt_entry`): what goes on the wire is always JSON that json.dumps made."""
+    if not isinstance(text, str) or not text.isascii():
+        return False
+    try:
+        obj, end = _ENTRY_JSON.raw_decode(text)
+    except (ValueError, RecursionError):
+        return False
+    return end == len(text) and isinstance(obj, dict) and type(obj.get("num")) is int and obj["num"] == num
+
+
+def rebuilt_entry(uid: str, num: int, row: Sequence[Any] | None, text: object = None) -> WireEntry:
+    """The entry of message ``num`` made from its row's typed columns (:data:`ENTRY_COLUMNS`), when its
+    wire text is missing or did not check (``text``); its text None when the columns are damaged too
+    (said once, on the server log)."""
+    if text is not None:
+        log.warning("the stored queue entry of message %s of %s is damaged: made again from its columns", num, uid)
+    try:
+        if row is None:
+            raise ValueError("the row is gone")
+        when = row[3] if isinstance(row[3], dt.datetime) else parse_time(row[3])
+        entry = QueueEntry(num, row[1], row[2], when, row[4], bytes(row[5]), stored_receipt(row[6]), bytes(row[7]))
+        return WireEntry(num, QueuePage.encode(entry))
+    except (ValueError, TypeError, RecursionError, MsgRelayError) as exc:
+        log.warning("message %s of %s is damaged in the store (%s): it cannot be listed", num, uid, exc)
+        return WireEntry(num, None)
 
 
 class Backend(Protocol):
@@ -270,7 +378,7 @@ class Backend(Protocol):
     ``server.pgstore.PostgresStore`` is one natively; :class:`ThreadedStore` makes SQLite one."""
 
     async def add_messages(self, batch: list[Submission], sign: Callable[[Receipt], Receipt]) -> list[StoreOutcome]: ...
-    async def list_unread(self, uid: str, after: int, limit: int) -> list[QueueEntry]: ...
+    async def unread_entries(self, uid: str, asks: list[UnreadAsk]) -> list[list[WireEntry]]: ...
     async def get_message(self, uid: str, num: int) -> StoredMessage | None: ...
     async def mark_read(self, uid: str, num: int) -> int | None: ...
     async def stored_digest(self, sender: str, msg_id: str) -> bytes | None: ...
@@ -296,8 +404,8 @@ class ThreadedStore:
     async def add_messages(self, batch: list[Submission], sign: Callable[[Receipt], Receipt]) -> list[StoreOutcome]:
         return await self._run(self.store.add_messages, batch, sign)
 
-    async def list_unread(self, uid: str, after: int, limit: int) -> list[QueueEntry]:
-        return await self._run(self.store.list_unread, uid, after, limit)
+    async def unread_entries(self, uid: str, asks: list[UnreadAsk]) -> list[list[WireEntry]]:
+        return await self._run(self.store.unread_entries, uid, asks)
 
     async def get_message(self, uid: str, num: int) -> StoredMessage | None:
         return await self._run(self.store.get_message, uid, num)
@@ -425,4 +533,4 @@ async def migrate(db: str) -> int:
 
 
 __all__ = ["AsyncStore", "Backend", "DuplicateMessage", "MessageStore", "SQLiteStore", "StoreError", "Submission",
-           "ThreadedStore"]
+           "ThreadedStore", "UnreadAsk", "WireEntry"]

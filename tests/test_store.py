@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 
 import pytest
@@ -29,9 +30,9 @@ def test_batch_numbers_duplicates_and_retries(tmp_path):
     assert out[4][0].queue_number == 1 and out[4][0].recipient == "C"
     store.close()
     reopened = SQLiteStore(str(tmp_path / "s.db"))
-    assert [e.num for e in reopened.list_unread("B", 0, 10)] == [1, 2]
+    assert [e.num for e in reopened.unread_entries("B", [(0, 10)])[0]] == [1, 2]
     assert reopened.get_message("B", 2).msg_id == "2" * 32
-    assert [e.num for e in reopened.list_unread("B", 0, 10)] == [1, 2]  # fetching alone marks nothing
+    assert [e.num for e in reopened.unread_entries("B", [(0, 10)])[0]] == [1, 2]  # fetching alone marks nothing
     assert reopened.get_message("B", 2).read is False
     len_of_one = len(b"h") + len(b"x")
     assert reopened.stored_digest("A", "2" * 32) == ciphertext_digest(Sealed(2, b"h", b"x"))
@@ -40,7 +41,7 @@ def test_batch_numbers_duplicates_and_retries(tmp_path):
     assert reopened.mark_read("B", 2) == len_of_one
     assert reopened.mark_read("B", 2) == 0  # already read: nothing more freed
     assert reopened.unread_usage("B") == (1, len_of_one)
-    assert [e.num for e in reopened.list_unread("B", 0, 10)] == [1]
+    assert [e.num for e in reopened.unread_entries("B", [(0, 10)])[0]] == [1]
     assert reopened.get_message("B", 2).read is True  # still retrievable after being read
     assert reopened.get_message("C", 2) is None
     assert reopened.mark_read("C", 2) is None  # another user's number: nothing to mark
@@ -104,3 +105,60 @@ def test_failed_commit_fails_every_caller_of_the_batch(tmp_path):
 
     assert all(isinstance(r, sqlite3.OperationalError) for r in asyncio.run(go()))
     asyncio.run(astore.close())
+
+
+def _as_schema_1(path: str, damaged: int) -> None:
+    """Make the database what a relay before entry texts left (no ``entry`` column nor its trigger, schema
+    version 1), message ``damaged`` of B with a broken receipt."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("DROP TRIGGER messages_entry_stale")
+        conn.execute("ALTER TABLE messages DROP COLUMN entry")
+        conn.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+        assert conn.execute("UPDATE messages SET receipt='[' WHERE recipient='B' AND num=?", (damaged,)).rowcount == 1
+    finally:
+        conn.close()
+
+
+def _entries(store: SQLiteStore, uid: str) -> dict[int, str | None]:
+    return {e.num: e.text for e in store.unread_entries(uid, [(0, 100)])[0]}
+
+
+def _column(path: str) -> dict[tuple[str, int], str | None]:
+    conn = sqlite3.connect(path)
+    try:
+        return {(r[0], r[1]): r[2] for r in conn.execute("SELECT recipient, num, entry FROM messages")}
+    finally:
+        conn.close()
+
+
+def test_a_schema_1_database_gets_the_entry_texts_of_its_unread_messages(tmp_path, caplog):
+    """Migrated at open: the texts are those the relay would have stored; read messages (never listed)
+    get none; a damaged row is left without one and said once, and listing it still says it is damaged.
+    Opening again (or after a migration stopped midway) changes nothing."""
+    path = str(tmp_path / "s.db")
+    store = SQLiteStore(path)
+    store.add_messages([sub(f"{n:032x}") for n in range(1, 6)] + [sub("9" * 32, to="C")], unsigned)
+    texts, text_c = _entries(store, "B"), _entries(store, "C")[1]
+    assert store.mark_read("B", 4)
+    store.close()
+    _as_schema_1(path, damaged=3)
+    with caplog.at_level(logging.WARNING, logger="msg_relay.server"):
+        migrated = SQLiteStore(path)
+    assert migrated.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+    stored = _column(path)
+    assert stored == {("B", 1): texts[1], ("B", 2): texts[2], ("B", 3): None, ("B", 4): None, ("B", 5): texts[5],
+                      ("C", 1): text_c}
+    assert [r.getMessage() for r in caplog.records if "cannot be listed" in r.getMessage()] == [
+        "message 3 of B is damaged in the store (Expecting value: line 1 column 2 (char 1)): it cannot be listed"]
+    assert _entries(migrated, "B") == {1: texts[1], 2: texts[2], 3: None, 5: texts[5]}
+    migrated.close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("UPDATE meta SET value='1' WHERE key='schema_version'")  # as if stopped before the end
+    conn.close()
+    SQLiteStore(path).close()
+    assert _column(path) == stored
+    conn = sqlite3.connect(path, isolation_level=None)  # migrated: an edit of the row drops its text
+    conn.execute("UPDATE messages SET header=x'00' WHERE recipient='B' AND num=1")
+    conn.close()
+    assert _column(path) == stored | {("B", 1): None}

@@ -9,6 +9,9 @@ each test an empty schema in the run's own database.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
+import logging
 import random
 import sqlite3
 import threading
@@ -22,8 +25,10 @@ import pytest
 
 from pki.identity import cert_fingerprint
 from pki.keys import generate_key
+from protocol.encoding import format_time
 from protocol.envelope import Sealed, ciphertext_digest
-from protocol.messages import KeyRecordWire
+from protocol.fields import Fields
+from protocol.messages import KeyRecordWire, QueueEntry, QueuePage
 from protocol.receipts import Receipt
 from server import pgstore
 from server.store import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
@@ -52,6 +57,14 @@ def sub(n: int, sender: str = "A", to: str = "B", body: bytes = b"x", header: by
     return Submission(sender, to, f"{n:032x}", Sealed(2, header, body), bytes([n % 256]) * 32)
 
 
+async def listed(store: Any, uid: str, after: int, limit: int) -> list[QueueEntry]:
+    """The user's unread entries as the relay serves them (their wire texts), read back as a client would."""
+    (page,) = await store.unread_entries(uid, [(after, limit)])
+    entries = [QueueEntry.from_wire(Fields(json.loads(e.text))) for e in page]
+    assert [e.num for e in entries] == [e.num for e in page]
+    return entries
+
+
 def receipt_of(outcome: Any) -> Receipt:
     assert isinstance(outcome, tuple), f"expected a receipt, got {outcome!r}"
     return outcome[0]
@@ -71,6 +84,10 @@ class Backend:
     async def make_schema_newer(self) -> None:
         raise NotImplementedError
 
+    async def set_columns(self, key: tuple[str, int], **values: Any) -> None:
+        """Edit one message's row, as a thief with write access to the database would."""
+        raise NotImplementedError
+
 
 class SQLiteBackend(Backend):
     name = "sqlite"
@@ -87,6 +104,13 @@ class SQLiteBackend(Backend):
             db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SQLITE_SCHEMA_VERSION + 1),))
         db.close()
 
+    async def set_columns(self, key: tuple[str, int], **values: Any) -> None:
+        db = sqlite3.connect(self.path)
+        with db:
+            assert db.execute(f"UPDATE messages SET {', '.join(f'{c}=?' for c in values)} WHERE recipient=? AND num=?",
+                              (*values.values(), *key)).rowcount == 1
+        db.close()
+
 
 class PostgresBackend(Backend):
     name = "postgres"
@@ -101,6 +125,16 @@ class PostgresBackend(Backend):
         conn = await asyncpg.connect(self.dsn)
         try:
             await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", pgstore.SCHEMA_VERSION + 1)
+        finally:
+            await conn.close()
+
+    async def set_columns(self, key: tuple[str, int], **values: Any) -> None:
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            sets = ", ".join(f"{c}=${i}" for i, c in enumerate(values, 1))
+            done = await conn.execute(f"UPDATE messages SET {sets} WHERE recipient=${len(values) + 1}"
+                                      f" AND num=${len(values) + 2}", *values.values(), *key)
+            assert done == "UPDATE 1"
         finally:
             await conn.close()
 
@@ -140,8 +174,8 @@ def test_numbers_are_dense_per_recipient_and_outcomes_follow_the_batch(backend: 
             assert r.digest == ciphertext_digest(s.sealed) and r.verify(KEY.public_key())
         more = await store.add_messages([sub(6, to="C"), sub(7, to="B")], sign)
         assert [receipt_of(o).queue_number for o in more] == [3, 4]
-        assert [e.num for e in await store.list_unread("B", 0, 100)] == [1, 2, 3, 4]
-        assert [e.num for e in await store.list_unread("C", 0, 100)] == [1, 2, 3]
+        assert [e.num for e in await listed(store, "B", 0, 100)] == [1, 2, 3, 4]
+        assert [e.num for e in await listed(store, "C", 0, 100)] == [1, 2, 3]
 
     with_store(backend, body)
 
@@ -156,7 +190,7 @@ def test_a_retry_returns_the_first_receipt_and_takes_no_number(backend: Backend)
         assert receipt_of(out[1]).queue_number == 2
         (after,) = await store.add_messages([sub(3)], sign)
         assert receipt_of(after).queue_number == 3  # the retries burnt no number
-        assert [e.msg_id for e in await store.list_unread("B", 0, 10)] == [sub(n).msg_id for n in (1, 2, 3)]
+        assert [e.msg_id for e in await listed(store, "B", 0, 10)] == [sub(n).msg_id for n in (1, 2, 3)]
 
     with_store(backend, body)
 
@@ -191,26 +225,116 @@ def test_stored_digest_answers_is_this_a_retry(backend: Backend) -> None:
     with_store(backend, body)
 
 
-def test_list_unread_pages_with_after_and_limit(backend: Backend) -> None:
+def test_unread_entries_page_with_after_and_limit(backend: Backend) -> None:
     async def body(store: Any) -> None:
         batch = [sub(n, header=b"h%d" % n) for n in range(1, 8)]
         receipts = [receipt_of(o) for o in await store.add_messages(batch, sign)]
-        assert [e.num for e in await store.list_unread("B", 0, 3)] == [1, 2, 3]
-        assert [e.num for e in await store.list_unread("B", 3, 3)] == [4, 5, 6]
-        assert [e.num for e in await store.list_unread("B", 6, 3)] == [7]
-        assert await store.list_unread("B", 7, 3) == []
-        assert await store.list_unread("nobody", 0, 3) == []
+        assert [e.num for e in await listed(store, "B", 0, 3)] == [1, 2, 3]
+        assert [e.num for e in await listed(store, "B", 3, 3)] == [4, 5, 6]
+        assert [e.num for e in await listed(store, "B", 6, 3)] == [7]
+        assert await listed(store, "B", 7, 3) == []
+        assert await listed(store, "nobody", 0, 3) == []
         await store.mark_read("B", 2)
         await store.mark_read("B", 5)
-        assert [e.num for e in await store.list_unread("B", 0, 3)] == [1, 3, 4]  # read ones leave the list
-        assert [e.num for e in await store.list_unread("B", 4, 10)] == [6, 7]
-        entry = (await store.list_unread("B", 0, 1))[0]
+        assert [e.num for e in await listed(store, "B", 0, 3)] == [1, 3, 4]  # read ones leave the list
+        assert [e.num for e in await listed(store, "B", 4, 10)] == [6, 7]
+        entry = (await listed(store, "B", 0, 1))[0]
         assert (entry.sender, entry.msg_id, entry.envelope_version, entry.header, entry.sender_cert) == \
                ("A", batch[0].msg_id, 2, b"h1", batch[0].sender_cert)
         assert entry.receipt == receipts[0] and entry.server_time == receipts[0].server_time
         assert entry.receipt.verify(KEY.public_key())
 
     with_store(backend, body)
+
+
+def test_each_message_keeps_the_entry_text_queue_serves(backend: Backend) -> None:
+    """Several pages in one call, each on its own; the text is the typed entry's encoding (what ``get``
+    reads from the same row), made when the message was stored; another user's and read ones are not listed."""
+    async def body(store: Any) -> None:
+        await store.add_messages([sub(n, header=b"h%d" % n) for n in range(1, 7)] + [sub(9, to="C")], sign)
+        await store.mark_read("B", 4)
+        pages = await store.unread_entries("B", [(0, 2), (1, 10), (5, 3), (6, 1), (0, 0)])
+        assert [[e.num for e in page] for page in pages] == [[1, 2], [2, 3, 5, 6], [6], [], []]
+        for entry in pages[1]:
+            assert entry.text == QueuePage.encode((await store.get_message("B", entry.num)).entry())
+        assert [e.num for e in (await store.unread_entries("C", [(0, 10)]))[0]] == [1]
+        assert await store.unread_entries("nobody", [(0, 10)]) == [[]]
+        assert await store.unread_entries("B", []) == []
+
+    with_store(backend, body)
+
+
+@pytest.mark.parametrize("text", ['{"num":1,"from":"A"', '{"num":1}{"num":1}', '{"num":1} x', '[1]', '{"num":1,"x":NaN}',
+                                  '{"num":3}', '{"num":true}', '{"num":1,"from":"\u00c9"}', "", None],
+                         ids=["cut", "two", "trailing", "array", "nan", "other-num", "bool-num", "non-ascii", "empty",
+                              "none"])
+def test_an_entry_text_that_does_not_check_is_made_again_from_its_row(backend: Backend, text: str | None,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """It goes into frames as it is: anything but JSON json.dumps made for this message is not served, but
+    made again from the row (the user's own: recipient A's message 1 comes first in the table)."""
+    async def stored(store: Any) -> list[Any]:
+        await store.add_messages([sub(n, to="A", header=b"a") for n in (11, 12)] + [sub(n) for n in (1, 2, 3)], sign)
+        return (await store.unread_entries("B", [(0, 10)]))[0]
+
+    async def served(store: Any) -> list[Any]:
+        return (await store.unread_entries("B", [(0, 10)]))[0]
+
+    before = with_store(backend, stored)
+    run(backend.set_columns(("B", 1), entry=text))
+    with caplog.at_level(logging.WARNING, logger="msg_relay.server"):
+        assert with_store(backend, served) == before
+    warned = [r.getMessage() for r in caplog.records if "made again" in r.getMessage()]
+    assert warned == ([] if text is None else ["the stored queue entry of message 1 of B is damaged: made again"
+                                               " from its columns"])
+
+
+@pytest.mark.parametrize("column", ["header", "receipt", "server_time", "num"])
+def test_an_edit_of_a_column_the_entry_is_made_of_is_listed_as_edited(backend: Backend, column: str,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Queue lists what ``get`` reads: an edit of the row (a repair, a thief) is not hidden behind the text
+    kept since the message was stored; the database drops it and the entry is made from the columns again."""
+    before: str | None = None
+
+    async def body(store: Any) -> None:
+        nonlocal before
+        out = await store.add_messages([sub(1), sub(2)], sign)
+        before = (await store.unread_entries("B", [(0, 1)]))[0][0].text
+        if column == "receipt":
+            await backend.set_columns(("B", 1), receipt=json.dumps(receipt_of(out[1]).to_wire()))
+        elif column == "server_time":
+            later = receipt_of(out[0]).server_time + dt.timedelta(days=1)
+            await backend.set_columns(("B", 1), server_time=later if backend.name == "postgres" else format_time(later))
+        else:
+            await backend.set_columns(("B", 1), **{column: b"edited" if column == "header" else 7})
+        listed = {e.num: e.text for e in (await store.unread_entries("B", [(0, 10)]))[0]}
+        edited = 7 if column == "num" else 1
+        assert sorted(listed) == sorted([edited, 2])
+        for num, text in listed.items():
+            assert text == QueuePage.encode((await store.get_message("B", num)).entry())
+        assert listed[edited] != before
+
+    with caplog.at_level(logging.WARNING, logger="msg_relay.server"):
+        with_store(backend, body)
+    assert not caplog.records  # nothing damaged: an entry the database dropped is made again silently
+
+
+@pytest.mark.parametrize("receipt", ["[", "[1]", '{"msg_id":"x"}', "null"], ids=["cut", "array", "fields", "null"])
+def test_a_row_damaged_beyond_its_text_is_not_served_and_says_so_once(backend: Backend, receipt: str,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    async def body(store: Any) -> None:
+        await store.add_messages([sub(n) for n in (1, 2, 3)], sign)
+
+    async def served(store: Any) -> list[Any]:
+        return (await store.unread_entries("B", [(0, 10)]))[0]
+
+    with_store(backend, body)
+    run(backend.set_columns(("B", 2), entry="{}", receipt=receipt))
+    with caplog.at_level(logging.WARNING, logger="msg_relay.server"):
+        entries = with_store(backend, served)
+    assert [(e.num, e.text is None) for e in entries] == [(1, False), (2, True), (3, False)]
+    damaged = [r for r in caplog.records if "cannot be listed" in r.getMessage()]
+    assert len(damaged) == 1 and damaged[0].getMessage().startswith("message 2 of B is damaged in the store (")
+    assert not [r for r in caplog.records if r.exc_info]
 
 
 def test_get_message_changes_nothing(backend: Backend) -> None:
@@ -222,7 +346,7 @@ def test_get_message_changes_nothing(backend: Backend) -> None:
             assert (msg.num, msg.sender, msg.recipient, msg.envelope, msg.read) == \
                    (1, "A", "B", b"secret envelope", False)
             assert msg.receipt == out[0]
-        assert [e.num for e in await store.list_unread("B", 0, 10)] == [1]
+        assert [e.num for e in await listed(store, "B", 0, 10)] == [1]
         assert await store.unread_usage("B") == usage
         assert await store.get_message("B", 2) is None
         assert await store.get_message("C", 1) is None  # another user's number 1 is not B's
@@ -304,7 +428,7 @@ def test_everything_persists_across_reopen(backend: Backend) -> None:
         return out
 
     async def second(store: Any) -> None:
-        assert [e.num for e in await store.list_unread("B", 0, 10)] == [2]
+        assert [e.num for e in await listed(store, "B", 0, 10)] == [2]
         assert (await store.get_message("B", 1)).read is True
         assert await store.add_messages([sub(2)], sign) == [(out[1][0], False)]  # still idempotent
         assert receipt_of((await store.add_messages([sub(4)], sign))[0]).queue_number == 3  # numbering goes on
@@ -364,7 +488,7 @@ def test_two_nodes_numbering_for_the_same_recipients_stay_dense(pg_dsn: str) -> 
                 assert sorted(nums) == list(range(1, len(nums) + 1)), f"{r}: numbers not dense or not unique"
             stored: dict[str, int] = {}  # msg_id -> number, as another node reads the queues
             for r in recipients:
-                for e in await b.list_unread(r, 0, 1000):
+                for e in await listed(b, r, 0, 1000):
                     assert e.msg_id not in stored  # each (sender, msg_id) once
                     stored[e.msg_id] = e.num
             assert len(stored) == 400
@@ -408,7 +532,7 @@ def test_the_same_submissions_through_two_nodes_store_once(pg_dsn: str) -> None:
                 assert sorted([isinstance(oa, DuplicateMessage), isinstance(ob, DuplicateMessage)]) == [False, True]
                 assert (ob if isinstance(oa, DuplicateMessage) else oa)[1] is True
             kept = Counter("a" if isinstance(ob, DuplicateMessage) else "b" for oa, ob in clash)
-            unread = {r: await a.list_unread(r, 0, 1000) for r in ("R0", "R1", "R2", "R3")}
+            unread = {r: await listed(a, r, 0, 1000) for r in ("R0", "R1", "R2", "R3")}
             for entries in unread.values():
                 assert [e.num for e in entries] == list(range(1, len(entries) + 1))
             assert len(unread["R0"]) == 30 + kept["a"] and len(unread["R1"]) == 30 + kept["b"]
@@ -454,6 +578,39 @@ def test_migrations_run_in_order_and_once(pg_dsn: str, monkeypatch: pytest.Monke
             await conn.close()
 
     run(check())
+
+
+def test_a_schema_1_postgres_database_gets_the_entry_texts_of_its_unread_messages(
+        pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Migration 2 adds the column; the node that ran it fills the texts of the unread messages as the relay
+    would have stored them (read ones are never listed); a damaged row is left without one, said once."""
+    async def go() -> None:
+        store = await pgstore.connect(pg_dsn)
+        try:
+            await store.add_messages([sub(n) for n in range(1, 6)] + [sub(9, to="C")], sign)
+            texts = {(uid, e.num): e.text for uid in ("B", "C") for e in (await store.unread_entries(uid, [(0, 9)]))[0]}
+            await store.mark_read("B", 4)
+        finally:
+            await store.close()
+        conn = await asyncpg.connect(pg_dsn)
+        try:  # what a relay before entry texts left
+            await conn.execute("DROP TRIGGER messages_entry_stale ON messages; DROP FUNCTION messages_entry_stale();"
+                               " ALTER TABLE messages DROP COLUMN entry; DELETE FROM schema_migrations WHERE version=2;"
+                               " UPDATE messages SET receipt='[' WHERE recipient='B' AND num=3")
+            with caplog.at_level(logging.WARNING, logger="msg_relay.server"):
+                store = await pgstore.connect(pg_dsn)
+            await store.close()
+            stored = {(r["recipient"], r["num"]): r["entry"] for r in await conn.fetch("SELECT * FROM messages")}
+            assert await conn.fetchval("SELECT max(version) FROM schema_migrations") == 2
+            await conn.execute("UPDATE messages SET header='\\x00' WHERE recipient='B' AND num=1")  # drops its text
+            assert await conn.fetchval("SELECT entry FROM messages WHERE recipient='B' AND num=1") is None
+        finally:
+            await conn.close()
+        assert stored == texts | {("B", 3): None, ("B", 4): None}
+        assert [r.getMessage() for r in caplog.records if "cannot be listed" in r.getMessage()] == [
+            "message 3 of B is damaged in the store (Expecting value: line 1 column 2 (char 1)): it cannot be listed"]
+
+    run(go())
 
 
 def test_a_failed_migration_leaves_the_old_version(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -502,7 +659,7 @@ def test_a_batch_that_fails_midway_stores_nothing(pg_dsn: str) -> None:
             with pytest.raises(RuntimeError, match="signing key"):
                 await store.add_messages([sub(1), sub(2, to="C"), sub(3), sub(4)], failing_sign)
             assert calls == 3
-            assert await store.list_unread("B", 0, 10) == [] and await store.list_unread("C", 0, 10) == []
+            assert await listed(store, "B", 0, 10) == [] and await listed(store, "C", 0, 10) == []
             out = await store.add_messages([sub(3), sub(1), sub(2, to="C")], sign)  # counters were rolled back
             assert [(receipt_of(o).queue_number, o[1]) for o in out] == [(1, True), (2, True), (1, True)]
         finally:
@@ -542,8 +699,8 @@ def test_a_connection_killed_midway_stores_nothing(pg_dsn: str) -> None:
             with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)):
                 await store.add_messages([sub(1), sub(2), sub(3, to="Z")], sign_then_kill)
             assert killed == [True]
-            assert await store.list_unread("B", 0, 10) == []
-            assert [e.num for e in await store.list_unread("Z", 0, 10)] == [1]
+            assert await listed(store, "B", 0, 10) == []
+            assert [e.num for e in await listed(store, "Z", 0, 10)] == [1]
             out = await store.add_messages([sub(1), sub(2), sub(3, to="Z")], sign)
             assert [(receipt_of(o).queue_number, o[1]) for o in out] == [(1, True), (2, True), (2, True)]
         finally:
