@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from pki.tls import peer_certificate
 from protocol.messages import Request
 
-from .errors import ClientError, ConnectionLost, handshake_failure, rejection
+from .errors import ClientError, ConnectionLost, handshake_failure
 from .operations import Answer, RelayOperations
 
 T = TypeVar("T")
@@ -46,7 +46,7 @@ class Pending:
     def __init__(self, size: int) -> None:
         self._result: dict[str, Any] | None = None
         self._error: BaseException | None = None
-        self.size = size  # of the request's frame, until answered
+        self.size = size  # of the request's frame: what it adds to the unanswered bytes while in flight
 
     def done(self) -> bool:
         return self._result is not None or self._error is not None
@@ -68,10 +68,7 @@ class BlockingRelayClient(RelayOperations):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sock: ssl.SSLSocket | None = None
-
-    async def __aenter__(self) -> "BlockingRelayClient":
-        await self.connect()
-        return self
+        self.clock = time.monotonic  # for the time limits (tests give a clock of their own)
 
     async def _connect_one(self) -> None:
         raw = None
@@ -112,8 +109,11 @@ class BlockingRelayClient(RelayOperations):
             if sum(map(len, out)) >= UNANSWERED_BYTES:
                 self._write(b"".join(out))
                 out = []
+                # One deadline for the whole wait: bytes that are no answer (events, a frame dribbled a byte
+                # at a time) must not keep us here past the time limit.
+                deadline = self.clock() + self.timeout
                 while self._broken is None and self._unanswered() >= UNANSWERED_BYTES:
-                    self._read(time.monotonic() + self.timeout)
+                    self._read(deadline)
         if out:
             self._write(b"".join(out))
         return answers
@@ -131,33 +131,32 @@ class BlockingRelayClient(RelayOperations):
             self._sock.sendall(data)
         except TimeoutError:
             self._fail_all(ConnectionLost("the relay did not take our requests in time"))
-        except ssl.SSLError as exc:
-            self._fail_all(rejection(exc) or self._lost(f"TLS error: {exc.reason or exc}"))
         except OSError as exc:
-            self._fail_all(self._lost(exc.strerror or str(exc)))
+            self._fail_all(self._read_failure(exc))
 
     async def _wait(self, answer: Answer) -> dict[str, Any]:
         assert isinstance(answer, Pending)
-        deadline = time.monotonic() + self.timeout
+        deadline = self.clock() + self.timeout
         while not answer.done():
             self._read(deadline)
         return answer.result()
 
     def _read(self, deadline: float) -> None:
-        """One read from the relay, its frames dispatched; every failure lands in the waiting answers."""
-        if self._sock is None:
-            self._fail_all(self._broken or ClientError("connection closed"))
-            return
+        """One read from the relay before ``deadline``, its frames dispatched; every failure (the deadline
+        passing included) lands in the waiting answers."""
         try:
-            self._sock.settimeout(max(0.0, deadline - time.monotonic()) or 1e-3)
+            if self._sock is None:
+                raise self._broken or ClientError("connection closed")
+            left = deadline - self.clock()
+            if left <= 0:
+                raise ConnectionLost("the relay did not answer in time")
+            self._sock.settimeout(left)
             try:
                 data = self._sock.recv(65536)
             except TimeoutError:
                 raise ConnectionLost("the relay did not answer in time") from None
-            except ssl.SSLError as exc:
-                raise (rejection(exc) or self._lost(f"TLS error: {exc.reason or exc}")) from None
             except OSError as exc:
-                raise self._lost(exc.strerror or str(exc)) from None
+                raise self._read_failure(exc) from None
             if not data:
                 raise self._lost("connection closed")
             self._received(data)

@@ -254,6 +254,7 @@ async def _run(opts: argparse.Namespace) -> int:
         elif opts.command == "askqueue":
             for line in await mailbox.queue():
                 _print_line(line, flush=False)  # one write at the end, not one per line
+            sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
         elif opts.command == "getmsg":
             _print_message(await mailbox.read(int(opts.args[0])))
         elif opts.command == "watch":

@@ -50,10 +50,6 @@ class RelayClient(RelayOperations):
         self._write_lock = asyncio.Lock()
         self._queued = asyncio.Event()
 
-    async def __aenter__(self) -> "RelayClient":
-        await self.connect()
-        return self
-
     async def _connect_one(self) -> None:
         try:
             reader, writer = await asyncio.wait_for(
@@ -97,10 +93,8 @@ class RelayClient(RelayOperations):
             while True:
                 try:
                     data = await self._reader.read(65536)
-                except ssl.SSLError as exc:
-                    raise (rejection(exc) or self._lost(f"TLS error: {exc.reason or exc}")) from None
                 except OSError as exc:
-                    raise self._lost(exc.strerror or str(exc)) from None
+                    raise self._read_failure(exc) from None
                 if not data:
                     raise self._lost("connection closed")
                 self._received(data)
@@ -126,9 +120,11 @@ class RelayClient(RelayOperations):
                 futures.append(fut)
                 self._writer.write(frame)
             try:
-                await self._writer.drain()
-            except (OSError, ssl.SSLError) as exc:
-                self._fail_all(self._lost(str(exc)))
+                await asyncio.wait_for(self._writer.drain(), self.timeout)
+            except asyncio.TimeoutError:
+                self._fail_all(ConnectionLost("the relay did not take our requests in time"))
+            except OSError as exc:
+                self._fail_all(self._read_failure(exc))
         return futures
 
     async def _wait(self, answer: Answer) -> dict[str, Any]:
@@ -136,8 +132,11 @@ class RelayClient(RelayOperations):
         try:
             return await asyncio.wait_for(asyncio.shield(answer), self.timeout)
         except (asyncio.TimeoutError, TimeoutError):
-            # Lost to us either way: a send is retried (same msg_id) through the next node, a watcher reconnects.
-            raise ConnectionLost("the relay did not answer in time") from None
+            # Lost to us either way: a send is retried (same msg_id) through the next node, a watcher reconnects;
+            # the requests behind it are not left to wait out a time limit each.
+            lost = ConnectionLost("the relay did not answer in time")
+            self._fail_all(lost)
+            raise lost from None
 
     async def wait_queued(self, after: int, timeout: float) -> bool:
         """Wait until the relay announces a message numbered above ``after``: True when it did, False

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pki.terminal import visible
+
 DEBUG, INFO, WARNING = 10, 20, 30  # logging's own values
 NAME = "msg_relay.client"
 FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -44,7 +46,8 @@ class ClientLog:
             self._configure()
         import logging
 
-        logging.getLogger(NAME).log(level, msg, *args)
+        # Lines carry text a relay chose (its refusals): escaped, so it cannot drive the terminal.
+        logging.getLogger(NAME).log(level, "%s", visible(msg % args if args else msg))
 
     def debug(self, msg: str, *args: Any) -> None:
         self.log(DEBUG, msg, *args)

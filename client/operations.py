@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import abc
 import itertools
+import ssl
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from cryptography import x509
 
@@ -59,7 +60,7 @@ from protocol.messages import (
 )
 from protocol.receipts import Receipt
 
-from .errors import ClientError, ConnectionLost, ServerRejected
+from .errors import ClientError, ConnectionLost, ServerRejected, rejection
 
 CRL_WINDOW = 32  # CRL pieces requested at once
 
@@ -126,7 +127,8 @@ class RelayOperations(abc.ABC):
     # ------------------------------------------------------------------------- the transport's part
     @abc.abstractmethod
     async def _connect_one(self) -> None:
-        """Connect to ``self.host:self.port`` and complete the TLS handshake (then :meth:`_connected`)."""
+        """Connect to ``self.host:self.port``, complete the TLS handshake, check the relay's certificate
+        (:meth:`_check_server`, closing on failure) and say hello (:meth:`_say_hello`)."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
@@ -148,7 +150,7 @@ class RelayOperations(abc.ABC):
         raise ClientError("live delivery needs the asyncio client (client.connection.RelayClient)")
 
     # ------------------------------------------------------------------------------- connection
-    async def __aenter__(self) -> "RelayOperations":
+    async def __aenter__(self) -> Self:
         await self.connect()
         return self
 
@@ -200,6 +202,13 @@ class RelayOperations(abc.ABC):
             # its refusal (an alert, or just a close) arrives on our first read.
             return ServerRejected(f"the relay did not accept our certificate ({detail})")
         return ConnectionLost(f"connection to the relay lost ({detail})")
+
+    def _read_failure(self, exc: OSError) -> ClientError:
+        """The one line for a connection that failed under a read or a write: the relay's certificate alert
+        when it sent one, else a lost connection (or, before any answer, a refusal of our certificate)."""
+        if isinstance(exc, ssl.SSLError):
+            return rejection(exc) or self._lost(f"TLS error: {exc.reason or exc}")
+        return self._lost(exc.strerror or str(exc))
 
     def _fail_all(self, exc: ClientError) -> None:
         self._broken = self._broken or exc

@@ -4,7 +4,8 @@ Why: on Python 3.11 ``@dataclass`` compiles every generated method with ``exec``
 defined, about 0.3 ms a class. ``msg-client`` imports some 40 message and record classes and a command
 instantiates about 20, so defining them all eagerly cost about 11 ms of a 100 ms command. From its first
 instance on the class is a frozen dataclass (fields, ``dataclasses.replace``, immutability); before it,
-no instance exists to tell the difference. Of the generated methods only those that must be fast per
+no instance exists to tell the difference (``dataclasses.fields`` of the class itself, and pickling, are
+not for these classes). Of the generated methods only those that must be fast per
 instance are compiled (``__init__`` and the frozen ``__setattr__``/``__delattr__``); equality, hashing
 and ``repr`` are the shared functions below, which behave as the generated ones do.
 
@@ -19,7 +20,7 @@ import threading
 from typing import Any, TypeVar, dataclass_transform
 
 T = TypeVar("T", bound=type)
-_making = threading.Lock()  # two threads creating the first instance at once make the class once
+_making = threading.Lock()  # two threads creating the first instances at once make the class once
 
 
 def _compared(obj: Any) -> tuple[Any, ...]:
@@ -51,16 +52,30 @@ def _make(cls: type) -> None:
     cls.__repr__ = _repr  # type: ignore[assignment]
 
 
+# Every class decorated, in definition order: a test makes each one (a definition error shows at the
+# first instance, so it must not wait for the first user who needs that class).
+CLASSES: list[type] = []
+
+
 @dataclass_transform(frozen_default=True)
 def frozen(cls: T) -> T:
     """Decorate ``cls`` as ``@dataclass(frozen=True)`` would, on its first instantiation."""
+    for name in ("__init__", "__new__", "__eq__", "__hash__", "__repr__"):
+        if name in cls.__dict__:
+            raise TypeError(f"@frozen makes {cls.__qualname__}.{name} itself: the class must not define it")
+    made = False
 
-    def first_init(self: Any, *args: Any, **kwargs: Any) -> None:
-        with _making:
-            if cls.__dict__.get("__init__") is first_init:
-                del cls.__init__  # type: ignore[misc]  # else the dataclass would keep it
-                _make(cls)
-        cls.__init__(self, *args, **kwargs)  # type: ignore[misc]
+    def __new__(klass: type, *args: Any, **kwargs: Any) -> Any:
+        # Here, before any __init__ is looked up: a thread that comes while another makes the class
+        # waits for it, and then finds the class complete.
+        nonlocal made
+        if not made:
+            with _making:
+                if not made:
+                    _make(cls)
+                    made = True
+        return object.__new__(klass)
 
-    cls.__init__ = first_init  # type: ignore[misc]
+    cls.__new__ = staticmethod(__new__)  # type: ignore[assignment]
+    CLASSES.append(cls)
     return cls

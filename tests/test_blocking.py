@@ -154,3 +154,43 @@ def test_requests_are_written_no_further_ahead_than_a_relay_can_buffer(relay, mo
     assert sum(frame for _ in requests) > 4 * 200  # the requests alone would overflow the window
     assert 0 < fake.most_unanswered <= 2 * 200 + frame
 
+
+
+class _Dribbling(_Relay):
+    """A relay that never answers but always has something to say: an event, every read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def recv(self, limit: int) -> bytes:
+        self.reads += 1
+        assert self.reads < 100, "the client kept reading past its time limit"
+        return encode_frame({"v": 1, "event": "queued", "num": self.reads})
+
+
+class _Clock:
+    """A second passes at every look."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1
+        return self.now
+
+
+@pytest.mark.parametrize("window", [False, True], ids=["waiting-for-an-answer", "waiting-to-write-more"])
+def test_bytes_that_are_no_answer_do_not_stretch_the_time_limit(relay, monkeypatch, window):
+    """Events (or a frame dribbled a byte at a time) keep arriving, answers never: the time limit still
+    ends the wait, whether for an answer or for room to write more requests."""
+    if window:
+        monkeypatch.setattr(blocking, "UNANSWERED_BYTES", 100)
+    c = _client(relay, BlockingRelayClient, timeout=5)
+    assert isinstance(c, BlockingRelayClient)
+    fake = _Dribbling()
+    c._sock = fake  # type: ignore[assignment]
+    c.clock = _Clock()
+    results = run_blocking(c.pipeline([MarkReadRequest(c.next_id(), n) for n in range(1, 11)]))
+    assert all(isinstance(r, ConnectionLost) and str(r) == "the relay did not answer in time" for r in results)
+    assert fake.reads <= 6 and c.queued_num == fake.reads  # the events were taken, and did not buy time

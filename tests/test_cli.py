@@ -185,6 +185,23 @@ def test_piped_body_gets_no_terminal_prompt(relay: Any, user: Any) -> None:
     assert r.code == 0 and r.err == ""
 
 
+
+def test_askqueue_into_a_pipe_closed_early_ends_quietly(relay: Any, user: Any) -> None:
+    """The listing is written at the end, in one go: a reader that went away (``| head``, closed at once
+    here) must still make a quiet exit 0, not a BrokenPipeError at the interpreter's exit."""
+    bob, bob_state = user("MSG_CLI2")
+    assert run_client(relay, bob, "askqueue", state=bob_state).code == 0
+    alice, alice_state = user("MSG_CLI1")
+    assert run_client(relay, alice, "send", "MSG_CLI2", "piped", stdin=b"body", state=alice_state).code == 0
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will ever read the listing
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as usual
+    done = subprocess.run([sys.executable, "-m", "client.cli", "--server", relay.address, "--p12", str(bob),
+                           "--state-dir", str(bob_state), "askqueue"], cwd=ROOT, env=env, stdout=write_end,
+                          stderr=subprocess.PIPE, timeout=60)
+    os.close(write_end)
+    assert (done.returncode, done.stderr) == (0, b"")
+
 # ---------------------------------------------------------------- the shims without an activated venv
 
 
