@@ -66,7 +66,10 @@ CRL_WINDOW = 32  # CRL pieces requested at once
 
 # A bound on what a relay can make us hold, whatever its pages say (a relay's own --max-unread is 10 000).
 MAX_QUEUE_ENTRIES = 100_000
-QUEUE_WINDOW = 32  # queue ranges asked for at once (a relay decodes 32 requests ahead)
+# Queue ranges asked for at once: the first window, doubled while the queue goes on, up to the most. A relay
+# decodes 32 requests ahead: with more in flight it prepares the next pages while we read the last ones.
+QUEUE_WINDOW = 32
+QUEUE_WINDOW_MAX = 128
 
 
 class Answer(Protocol):
@@ -309,16 +312,19 @@ class RelayOperations(abc.ABC):
         """Every unread entry numbered above ``after``, in order.
 
         Pages come one at a time until the relay says it answers ranges (``ranges``); from then on the
-        numbers ahead are asked for QUEUE_WINDOW ranges at a time, each as wide as the last page was long,
-        pipelined: 10 000 entries cost tens of round trips instead of thousands. A window whose last range
+        numbers ahead are asked for in windows of ranges, each as wide as the last page was long, pipelined:
+        QUEUE_WINDOW ranges, twice as many in each next window up to QUEUE_WINDOW_MAX (a short queue costs
+        few requests, a long one keeps the relay busy while we read): 10 000 entries cost tens of round
+        trips instead of thousands. A window whose last range
         is empty (the end of the queue, or a gap of read messages) is followed by a page asked for one at a
         time again. Whatever a relay answers, numbers go up strictly and stay in the range asked for, at
         most MAX_QUEUE_ENTRIES entries are held and about twice as many requests sent: a relay cannot keep
         us fetching or growing."""
         entries: list[QueueEntry] = []
-        max_requests = 2 * MAX_QUEUE_ENTRIES + QUEUE_WINDOW
+        max_requests = 2 * MAX_QUEUE_ENTRIES + QUEUE_WINDOW_MAX
         sent = 0
         span = 0  # numbers per range request; 0: ask for the next page on its own
+        window = QUEUE_WINDOW
         while True:
             # Each window, and each page asked for on its own, comes back here: the one bound on requests.
             # (Within a window, a range is asked again only after an answer with entries: MAX_QUEUE_ENTRIES.)
@@ -335,7 +341,7 @@ class RelayOperations(abc.ABC):
                 after = entries[-1].num
                 span = len(page.entries) if page.ranges else 0
                 continue
-            ranges = [(after + i * span, after + (i + 1) * span) for i in range(QUEUE_WINDOW)]
+            ranges = [(after + i * span, after + (i + 1) * span) for i in range(window)]
             found: list[list[QueueEntry]] = [[] for _ in ranges]
             pending = list(enumerate(ranges))
             while pending:  # a range whose entries outgrew one page is asked again from where it stopped
@@ -357,7 +363,9 @@ class RelayOperations(abc.ABC):
                 entries += got
             after = ranges[-1][1]
             if not found[-1]:
-                span = 0  # the end, or a gap: the next page on its own says which
+                span, window = 0, QUEUE_WINDOW  # the end, or a gap: the next page on its own says which
+            else:
+                window = min(2 * window, QUEUE_WINDOW_MAX)
 
     async def subscribe(self) -> None:
         """Ask the relay to push a ``queued`` event for every message stored for us from now on."""

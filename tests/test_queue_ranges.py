@@ -193,10 +193,12 @@ def test_ranges_that_never_end_stop_at_the_bound(relay, monkeypatch):
 
 def test_ranges_empty_but_the_last_stop_at_the_request_bound(relay, monkeypatch):
     """Each window holds one entry, in its last range, so the client keeps asking window after window
-    while holding few entries: it stops after 2 x MAX_QUEUE_ENTRIES + QUEUE_WINDOW requests (24 here),
-    before the entry bound; the relay hangs up after 200, so a client without the bound fails here."""
-    monkeypatch.setattr(operations, "MAX_QUEUE_ENTRIES", 10)
+    while holding few entries: it stops after 2 x MAX_QUEUE_ENTRIES + QUEUE_WINDOW_MAX requests (48 here),
+    before the entry bound, its windows never wider than QUEUE_WINDOW_MAX (4, 8, 8 ...); the relay hangs up
+    after 200, so a client without the bound fails here."""
+    monkeypatch.setattr(operations, "MAX_QUEUE_ENTRIES", 20)
     monkeypatch.setattr(operations, "QUEUE_WINDOW", 4)
+    monkeypatch.setattr(operations, "QUEUE_WINDOW_MAX", 8)
     template = _entries(relay, range(1, 2))[0]
     asked = []
 
@@ -212,4 +214,4 @@ def test_ranges_empty_but_the_last_stop_at_the_request_bound(relay, monkeypatch)
     relay.answers["queue"] = answer
     with pytest.raises(ClientError, match="queue pages do not end"):
         _queue(relay)
-    assert len(asked) <= 2 * 10 + 4 + 4
+    assert len(asked) <= 2 * 20 + 8 + 8  # windows of 16 and 32 would have made it 61
