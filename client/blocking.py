@@ -157,8 +157,6 @@ class BlockingRelayClient(RelayOperations):
                 raise ConnectionLost("the relay did not answer in time") from None
             except OSError as exc:
                 raise self._read_failure(exc) from None
-            if not data:
-                raise self._lost("connection closed")
             self._received(data)
         except ClientError as exc:
             self._fail_all(exc)

@@ -95,8 +95,6 @@ class RelayClient(RelayOperations):
                     data = await self._reader.read(65536)
                 except OSError as exc:
                     raise self._read_failure(exc) from None
-                if not data:
-                    raise self._lost("connection closed")
                 self._received(data)
         except ClientError as exc:
             self._fail_all(exc)

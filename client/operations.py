@@ -222,7 +222,10 @@ class RelayOperations(abc.ABC):
                 answer.set_exception(exc)
 
     def _received(self, data: bytes) -> None:
-        """Bytes from the relay: each complete frame goes to its request (or is an event)."""
+        """Bytes from the relay (none: it closed the connection): each complete frame goes to its request
+        (or is an event)."""
+        if not data:
+            raise self._lost("connection closed")
         try:
             # One frame at a time: a hello answer raises the frame limit before the next is read.
             self._decoder.receive(data)
