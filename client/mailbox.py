@@ -397,6 +397,7 @@ class Mailbox:
         """Drop what this command learnt from the relay (CRLs checked, directory answers)."""
         self._policy = None
         self._directory.clear()
+        self._valid.clear()
 
     async def queue(self) -> list[QueueLine]:
         """Unread messages as ``askqueue`` shows them: the time from the relay's signed receipt, the

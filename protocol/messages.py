@@ -38,7 +38,18 @@ def _request_id(obj: dict[str, Any]) -> RequestId:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "missing or invalid request 'id' (string or integer)")
     if isinstance(rid, str) and len(rid) > 64 or isinstance(rid, int) and not 0 <= rid < 2**53:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "request 'id' out of range")
+    if isinstance(rid, str) and not _encodable(rid):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "request 'id' is not valid Unicode")  # echoed in the answer
     return rid
+
+
+def _encodable(text: str) -> bool:
+    """JSON can carry a lone surrogate (``"\\ud800"``) that UTF-8 cannot: such a text cannot go back out."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------- requests

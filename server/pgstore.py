@@ -91,6 +91,7 @@ MIGRATIONS: tuple[str, ...] = (
     # a row whose columns the text is made of (ENTRY_COLUMNS) were edited: made again from them when listed.
     """
     ALTER TABLE messages ADD COLUMN entry TEXT;
+    CREATE INDEX messages_unfilled ON messages (recipient, num) WHERE entry IS NULL AND NOT read;
     CREATE FUNCTION messages_entry_stale() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN NEW.entry := NULL; RETURN NEW; END $$;
     CREATE TRIGGER messages_entry_stale
@@ -99,7 +100,6 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
-ENTRIES_SINCE = 2  # the migration that added messages.entry
 
 _CREATE_VERSIONS = """
 CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied TIMESTAMPTZ NOT NULL DEFAULT now())
@@ -397,8 +397,9 @@ async def _schema_version(conn: asyncpg.Pool | asyncpg.Connection) -> int:
 
 async def _migrate(conn: asyncpg.Connection) -> int:
     """Bring the schema to SCHEMA_VERSION, one transaction per migration, under a session advisory lock:
-    a node starting at the same time waits, then finds the work done. If this node dies midway, its
-    session ends, which releases the lock, and the migration it was in rolls back."""
+    a node starting at the same time waits (schema changes only: seconds), then finds the work done. If
+    this node dies midway, its session ends, which releases the lock, and the migration it was in rolls
+    back. Then, outside the lock, the entry texts still missing are made (:func:`_fill_entries`)."""
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
         await conn.execute(_CREATE_VERSIONS)
@@ -410,31 +411,34 @@ async def _migrate(conn: asyncpg.Connection) -> int:
             async with conn.transaction():
                 await conn.execute(MIGRATIONS[number - 1])
                 await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", number)
-        if version < ENTRIES_SINCE <= SCHEMA_VERSION:
-            await _fill_entries(conn)
-        return SCHEMA_VERSION
     finally:
         if not conn.is_closed():  # a lost session has released its locks already
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+    await _fill_entries(conn)
+    return SCHEMA_VERSION
 
 
 async def _fill_entries(conn: asyncpg.Connection) -> None:
-    """The wire texts of the unread messages stored before they were kept (only unread ones are listed),
-    a thousand rows per transaction, so the nodes still serving are never held up for long. A row left
-    without (a node stopped midway, one of an older version storing) is made on every listing instead."""
+    """The wire texts of unread messages that have none (stored before texts were kept, by a node of an
+    older version, or left by a node stopped midway), at every start: an index holds just those rows, so
+    once all are made this costs nothing. A thousand rows per transaction, read ``FOR UPDATE`` in it, so
+    no edit of a row lands between reading its columns and writing its text; ``SKIP LOCKED``, so nodes
+    starting together share the work. A damaged row (no text can be made) is passed over."""
     last: tuple[str, int] = ("", 0)
     while True:
-        rows = await conn.fetch(
-            f"SELECT recipient, {ENTRY_COLUMNS} FROM messages WHERE NOT read AND entry IS NULL"
-            " AND (recipient, num) > ($1::text, $2::bigint) ORDER BY recipient, num LIMIT 1000", *last)
+        async with conn.transaction():
+            rows = await conn.fetch(
+                f"SELECT recipient, {ENTRY_COLUMNS} FROM messages WHERE NOT read AND entry IS NULL"
+                " AND (recipient, num) > ($1::text, $2::bigint) ORDER BY recipient, num LIMIT 1000"
+                " FOR UPDATE SKIP LOCKED", *last)
+            texts = [(text, r["recipient"], r["num"]) for r in rows
+                     if (text := rebuilt_entry(r["recipient"], r["num"], list(r.values())[1:], say=False).text)
+                     is not None]
+            await conn.executemany("UPDATE messages SET entry=$1 WHERE recipient=$2 AND num=$3 AND entry IS NULL",
+                                   texts)
         if not rows:
             return
         last = (rows[-1]["recipient"], rows[-1]["num"])
-        texts = [(text, r["recipient"], r["num"]) for r in rows
-                 if (text := rebuilt_entry(r["recipient"], r["num"], list(r.values())[1:]).text) is not None]
-        async with conn.transaction():
-            await conn.executemany("UPDATE messages SET entry=$1 WHERE recipient=$2 AND num=$3 AND entry IS NULL",
-                                   texts)
 
 
 _CONNECT_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)

@@ -177,6 +177,9 @@ class SQLiteStore(MessageStore):
                 self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             elif int(row[0]) != SCHEMA_VERSION:
                 raise StoreError(f"{path}: schema version {row[0]}, this server knows {SCHEMA_VERSION}")
+            if "entry" not in {r[1] for r in self.db.execute("PRAGMA table_info(messages)")}:
+                raise StoreError(f"{path}: schema version {SCHEMA_VERSION} without its messages.entry column "
+                                 "(a damaged database)")
             self.db.execute(_ENTRY_STALE)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{path}: cannot open database ({exc})") from None
@@ -188,16 +191,18 @@ class SQLiteStore(MessageStore):
             self.db.execute("ALTER TABLE messages ADD COLUMN entry TEXT")
         last: tuple[str, int] = ("", 0)
         while True:
-            rows = self.db.execute(
-                f"SELECT recipient, {ENTRY_COLUMNS} FROM messages WHERE read=0 AND entry IS NULL"
-                " AND (recipient, num) > (?, ?) ORDER BY recipient, num LIMIT 1000", last).fetchall()
+            with self.db:  # read and written under one write lock: no edit of the row between the two
+                self.db.execute("BEGIN IMMEDIATE")
+                rows = self.db.execute(
+                    f"SELECT recipient, {ENTRY_COLUMNS} FROM messages WHERE read=0 AND entry IS NULL"
+                    " AND (recipient, num) > (?, ?) ORDER BY recipient, num LIMIT 1000", last).fetchall()
+                texts = [(text, r[0], r[1]) for r in rows
+                         if (text := rebuilt_entry(r[0], r[1], r[1:]).text) is not None]
+                self.db.executemany("UPDATE messages SET entry=? WHERE recipient=? AND num=? AND entry IS NULL",
+                                    texts)
             if not rows:
                 break
             last = (rows[-1][0], rows[-1][1])
-            texts = [(text, r[0], r[1]) for r in rows if (text := rebuilt_entry(r[0], r[1], r[1:]).text) is not None]
-            with self.db:
-                self.db.execute("BEGIN IMMEDIATE")
-                self.db.executemany("UPDATE messages SET entry=? WHERE recipient=? AND num=?", texts)
         self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
 
     def add_messages(self, batch: list[Submission], sign: Callable[[Receipt], Receipt]) -> list[StoreOutcome]:
@@ -356,20 +361,35 @@ def servable(num: int, text: object) -> bool:
     return end == len(text) and isinstance(obj, dict) and type(obj.get("num")) is int and obj["num"] == num
 
 
-def rebuilt_entry(uid: str, num: int, row: Sequence[Any] | None, text: object = None) -> WireEntry:
+# ENTRY_COLUMNS' types (SQLite keeps whatever is written: a column may hold anything)
+_COLUMN_TYPES: tuple[type | tuple[type, ...], ...] = (int, str, str, (str, dt.datetime), int, bytes, str, bytes)
+
+
+def _check_types(row: Sequence[Any]) -> None:
+    """SQLite keeps whatever was written into a column: ``bytes(n)`` of an integer header would allocate n."""
+    for value, kind in zip(row, _COLUMN_TYPES, strict=True):
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise TypeError(f"a column holds {type(value).__name__}")
+
+
+def rebuilt_entry(uid: str, num: int, row: Sequence[Any] | None, text: object = None, say: bool = True) -> WireEntry:
     """The entry of message ``num`` made from its row's typed columns (:data:`ENTRY_COLUMNS`), when its
     wire text is missing or did not check (``text``); its text None when the columns are damaged too
-    (said once, on the server log)."""
+    (said once, on the server log, unless not ``say``: a start filling texts leaves it to the listing)."""
     if text is not None:
         log.warning("the stored queue entry of message %s of %s is damaged: made again from its columns", num, uid)
     try:
         if row is None:
             raise ValueError("the row is gone")
+        _check_types(row)
         when = row[3] if isinstance(row[3], dt.datetime) else parse_time(row[3])
         entry = QueueEntry(num, row[1], row[2], when, row[4], bytes(row[5]), stored_receipt(row[6]), bytes(row[7]))
-        return WireEntry(num, QueuePage.encode(entry))
+        text = QueuePage.encode(entry)
+        QueueEntry.from_wire(Fields(_ENTRY_JSON.decode(text)))  # what a client will accept, or not served
+        return WireEntry(num, text)
     except (ValueError, TypeError, RecursionError, MsgRelayError) as exc:
-        log.warning("message %s of %s is damaged in the store (%s): it cannot be listed", num, uid, exc)
+        if say:
+            log.warning("message %s of %s is damaged in the store (%s): it cannot be listed", num, uid, exc)
         return WireEntry(num, None)
 
 

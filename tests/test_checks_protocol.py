@@ -48,6 +48,7 @@ SEND = {"v": 1, "id": 1, "op": "send", "to": "BOB", "msg_id": "a" * 32, "envelop
     ({"id": "x" * 65}, "bad_request", "request 'id' out of range"),
     ({"id": -1}, "bad_request", "request 'id' out of range"),
     ({"id": 2**53}, "bad_request", "request 'id' out of range"),
+    ({"id": "\ud800"}, "bad_request", "request 'id' is not valid Unicode"),  # a lone surrogate: no UTF-8 for it
     ({"v": 2}, "unsupported_version", "protocol version 2 not supported (this relay speaks 1)"),
     ({"v": True}, "unsupported_version", "protocol version True not supported (this relay speaks 1)"),
     ({"op": "fly"}, "bad_request", "unknown operation 'fly'"),

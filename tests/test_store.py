@@ -162,3 +162,38 @@ def test_a_schema_1_database_gets_the_entry_texts_of_its_unread_messages(tmp_pat
     conn.execute("UPDATE messages SET header=x'00' WHERE recipient='B' AND num=1")
     conn.close()
     assert _column(path) == stored | {("B", 1): None}
+
+
+def test_a_schema_2_database_without_its_entry_column_is_refused_at_open(tmp_path):
+    """Else every send and every listing would fail, one by one, long after the relay said it was up."""
+    path = str(tmp_path / "s.db")
+    SQLiteStore(path).close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("DROP TRIGGER messages_entry_stale")
+    conn.execute("ALTER TABLE messages DROP COLUMN entry")
+    conn.close()
+    from server.store import StoreError
+
+    with pytest.raises(StoreError, match="schema version 2 without its messages.entry column"):
+        SQLiteStore(path)
+
+
+@pytest.mark.parametrize(("column", "value"), [
+    ("header", 2**62),        # bytes(2**62) would try to allocate exabytes
+    ("header", 5),            # bytes(5) would be five zero bytes, served as a header
+    ("sender", b"\x07"),      # bytes where the UID goes (a TEXT column keeps a BLOB as it is)
+    ("sender", "not a uid!"), # a string, but no UID: a client would refuse the whole listing
+    ("envelope_version", 3.5),
+], ids=["huge-integer-header", "integer-header", "bytes-sender", "bad-uid-sender", "real-version"])
+def test_a_column_of_the_wrong_type_or_shape_makes_only_its_row_unlisted(tmp_path, caplog, column, value):
+    """SQLite keeps whatever is written into a column: a row edited so is not listed (said on the log),
+    and the rows around it are."""
+    path = str(tmp_path / "s.db")
+    store = SQLiteStore(path)
+    store.add_messages([sub(f"{n:032x}") for n in (1, 2, 3)], unsigned)
+    before = _entries(store, "B")
+    store.db.execute(f"UPDATE messages SET {column}=? WHERE recipient='B' AND num=2", (value,))
+    with caplog.at_level(logging.WARNING, logger="msg_relay.server"):
+        assert _entries(store, "B") == {1: before[1], 2: None, 3: before[3]}
+    assert any("message 2 of B is damaged in the store" in r.getMessage() for r in caplog.records)
+    store.close()

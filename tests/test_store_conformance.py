@@ -583,7 +583,8 @@ def test_migrations_run_in_order_and_once(pg_dsn: str, monkeypatch: pytest.Monke
 def test_a_schema_1_postgres_database_gets_the_entry_texts_of_its_unread_messages(
         pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     """Migration 2 adds the column; the node that ran it fills the texts of the unread messages as the relay
-    would have stored them (read ones are never listed); a damaged row is left without one, said once."""
+    would have stored them (read ones are never listed); a damaged row is left without one (and said when
+    listed, not at every start: see test_a_row_damaged_beyond_its_text_is_not_served_and_says_so_once)."""
     async def go() -> None:
         store = await pgstore.connect(pg_dsn)
         try:
@@ -607,11 +608,33 @@ def test_a_schema_1_postgres_database_gets_the_entry_texts_of_its_unread_message
         finally:
             await conn.close()
         assert stored == texts | {("B", 3): None, ("B", 4): None}
-        assert [r.getMessage() for r in caplog.records if "cannot be listed" in r.getMessage()] == [
-            "message 3 of B is damaged in the store (Expecting value: line 1 column 2 (char 1)): it cannot be listed"]
+        assert [r.getMessage() for r in caplog.records if "cannot be listed" in r.getMessage()] == []
 
     run(go())
 
+
+
+def test_texts_missing_at_any_start_are_made_then(pg_dsn: str) -> None:
+    """A row without its text (stored by a node of an older version, or left by a node stopped midway through
+    the fill) gets it at the next start of any node, not only when the migration runs."""
+    async def go() -> None:
+        store = await pgstore.connect(pg_dsn)
+        try:
+            await store.add_messages([sub(n) for n in (1, 2)], sign)
+            texts = {e.num: e.text for e in (await store.unread_entries("B", [(0, 9)]))[0]}
+        finally:
+            await store.close()
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute("UPDATE messages SET entry=NULL")  # no column a text is made of: no trigger
+            store = await pgstore.connect(pg_dsn)
+            await store.close()
+            stored = {r["num"]: r["entry"] for r in await conn.fetch("SELECT num, entry FROM messages")}
+        finally:
+            await conn.close()
+        assert stored == texts and None not in stored.values()
+
+    run(go())
 
 def test_a_failed_migration_leaves_the_old_version(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     run(pgstore.migrate_only(pg_dsn))
