@@ -64,6 +64,7 @@ from protocol.messages import (
 from protocol.receipts import Receipt
 
 CLOSE = object()  # an answer that closes the connection instead of answering
+DEAF = object()  # an answer that stops reading the connection (and answering) until the relay stops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,7 @@ class HostileRelay:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._stopping = asyncio.Event()
 
     # ------------------------------------------------------------------------------- lifecycle
     def __enter__(self) -> "HostileRelay":
@@ -129,6 +131,7 @@ class HostileRelay:
 
     async def _stop(self) -> None:
         assert self._server is not None
+        self._stopping.set()
         self._server.close()
         for w in list(self._writers):
             w.transport.abort()
@@ -265,6 +268,9 @@ class HostileRelay:
                         await asyncio.sleep(answer.seconds)
                         answer = answer.answer
                     if answer is CLOSE:
+                        return
+                    if answer is DEAF:
+                        await self._stopping.wait()
                         return
                     writer.write(self._encode(obj, answer))
                     await writer.drain()

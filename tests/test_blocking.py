@@ -24,10 +24,10 @@ from client.errors import ClientError, ConnectionLost
 from client.operations import RelayOperations
 from pki.keystore import load_keystore
 from protocol.frames import encode_frame
-from protocol.messages import MarkReadRequest, MarkReadResult, QueueResult
+from protocol.messages import MarkReadRequest, MarkReadResult, QueueResult, SendRequest
 
 from .harness import private_pki
-from .hostile_relay import HostileRelay, Later
+from .hostile_relay import DEAF, HostileRelay, Later
 
 T = TypeVar("T")
 CONNECTIONS = {"asyncio": RelayClient, "blocking": BlockingRelayClient}
@@ -81,6 +81,23 @@ def test_a_relay_that_never_answers_is_given_up_on(relay, kind):
         _run(kind, ask)
     assert time.monotonic() - start < 15
 
+
+
+@pytest.mark.parametrize("kind", CONNECTIONS.values(), ids=CONNECTIONS.keys())
+def test_a_relay_that_stops_reading_is_given_up_on(relay, kind):
+    """Megabytes of pipelined requests to a relay that reads nothing after the first: the kernel's buffers
+    fill, and the client gives up after its time limit instead of waiting to write for ever."""
+    relay.answers["hello"] = lambda obj, uid: DEAF
+
+    async def flood() -> list[object]:
+        async with _client(relay, kind, timeout=1) as c:
+            big = [SendRequest(c.next_id(), "BOB", f"{n:032x}", 3, b"h", bytes(7000), b"s") for n in range(1500)]
+            return await asyncio.wait_for(c.pipeline(big), 30) if kind is RelayClient else await c.pipeline(big)
+
+    start = time.monotonic()
+    results = _run(kind, flood)
+    assert all(isinstance(r, ConnectionLost) for r in results), {type(r).__name__ for r in results}
+    assert time.monotonic() - start < 20
 
 def test_after_an_answer_out_of_order_later_requests_fail_at_once_and_are_not_written(relay):
     relay.answers["directory"] = lambda obj, uid: {"v": 1, "id": obj["id"] + 1000, "ok": True}
