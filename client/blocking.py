@@ -15,6 +15,8 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
+from cryptography import x509
+
 from pki.tls import peer_certificate
 from protocol.messages import Request
 
@@ -70,7 +72,7 @@ class BlockingRelayClient(RelayOperations):
         self._sock: ssl.SSLSocket | None = None
         self.clock = time.monotonic  # for the time limits (tests give a clock of their own)
 
-    async def _connect_one(self) -> None:
+    async def _open(self) -> x509.Certificate | None:
         raw = None
         try:
             raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
@@ -81,12 +83,7 @@ class BlockingRelayClient(RelayOperations):
                 raw.close()
             raise handshake_failure(exc, self.host, self.port) from None
         self._sock = sock
-        try:
-            self._check_server(peer_certificate(sock))
-        except ClientError:
-            await self.close()
-            raise
-        await self._say_hello()
+        return peer_certificate(sock)
 
     async def close(self) -> None:
         self._fail_all(ClientError("connection closed"))

@@ -11,6 +11,8 @@ import ssl
 from collections.abc import Sequence
 from typing import Any
 
+from cryptography import x509
+
 from pki.tls import peer_certificate
 from protocol.messages import Request
 
@@ -50,7 +52,7 @@ class RelayClient(RelayOperations):
         self._write_lock = asyncio.Lock()
         self._queued = asyncio.Event()
 
-    async def _connect_one(self) -> None:
+    async def _open(self) -> x509.Certificate | None:
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(self.host, self.port, ssl=self._ctx, server_hostname=self.host,
@@ -64,12 +66,7 @@ class RelayClient(RelayOperations):
             refusal = await _refusal_on(reader, self.timeout)
             await self.close()
             raise refusal from None
-        try:
-            self._check_server(cert)
-        except ClientError:
-            await self.close()
-            raise
-        await self._say_hello()
+        return cert
 
     async def close(self) -> None:
         if self._reader_task is not None:

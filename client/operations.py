@@ -129,9 +129,9 @@ class RelayOperations(abc.ABC):
 
     # ------------------------------------------------------------------------- the transport's part
     @abc.abstractmethod
-    async def _connect_one(self) -> None:
-        """Connect to ``self.host:self.port``, complete the TLS handshake, check the relay's certificate
-        (:meth:`_check_server`, closing on failure) and say hello (:meth:`_say_hello`)."""
+    async def _open(self) -> x509.Certificate | None:
+        """Connect to ``self.host:self.port`` and complete the TLS handshake (OpenSSL checks the relay's
+        chain and our CRLs): the relay's certificate, or the ClientError of a failure."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
@@ -181,6 +181,16 @@ class RelayOperations(abc.ABC):
         self._decoder = FrameDecoder(self._default_max_frame)
         self._next_node()
         await self.connect()
+
+    async def _connect_one(self) -> None:
+        """The current node, its certificate checked (the connection closed if it does not do), hello said."""
+        cert = await self._open()
+        try:
+            self._check_server(cert)
+        except ClientError:
+            await self.close()
+            raise
+        await self._say_hello()
 
     def _check_server(self, cert: x509.Certificate | None) -> None:
         """The relay's certificate after the handshake: the MSG_SERVER profile (OpenSSL checked the chain)."""
