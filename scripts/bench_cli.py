@@ -3,7 +3,8 @@
 * ``--only cli``: whole ``msg-client`` processes (start to exit: interpreter, imports, TLS handshake,
   round trips, crypto, exit) against a local relay: ``send``, ``askqueue`` (one new message each time, so
   its subject is opened and checked) and ``getmsg`` of it, interleaved with the floor, a Python process
-  that only imports ``cryptography.x509``, and with ``import client.cli`` on its own. Medians over
+  that only imports ``cryptography.x509``, with ``import client.cli`` on its own, and with the least a
+  one-shot command must do (``scripts/bench_mtls_client.py``: keystore, mutual-TLS handshake, one hello). Medians over
   CLI_ROUNDS rounds, reported as ratios to the floor of the same run (the machine is shared and noisy).
 * ``--only askqueue``: ``msg-client askqueue`` of 10 000 unread messages, each sealed to the reader
   (ML-KEM-768 + X25519) with a signed subject, as a whole process: the first run (every receipt, subject
@@ -34,12 +35,13 @@ from pki.keystore import load_keystore
 from protocol.encoding import utc_now
 from protocol.envelope import InnerMessage, seal
 
-CLI_ROUNDS = 100  # rounds of floor, send, askqueue, getmsg (and an import of client.cli): 500 processes
+CLI_ROUNDS = 100  # rounds of floor, send, askqueue, getmsg, an import of client.cli, a bare mTLS client
 CLI_GOAL_MS = 100.0  # issue 14: median per command, against a floor of about 70 ms where it was filed
 ASKQUEUE_MESSAGES = 10_000
 ASKQUEUE_GOAL_S = 0.5
 ASKQUEUE_WARM_RUNS = 3
 FLOOR = [sys.executable, "-c", "import cryptography.x509"]
+MTLS_CLIENT = str(ROOT / "scripts" / "bench_mtls_client.py")  # the least a one-shot command must do
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -78,7 +80,8 @@ def cli(world: World, tmp: Path, rounds: int = CLI_ROUNDS) -> dict[str, Any]:
     def client(uid: str, *args: str) -> list[str]:
         return [*_client(), "--p12", str(world.certs / f"{uid}.p12"), "--server", server, *args]
 
-    times: dict[str, list[float]] = {k: [] for k in ("floor", "import", "send", "askqueue", "getmsg")}
+    times: dict[str, list[float]] = {k: [] for k in ("floor", "mtls", "import", "send", "askqueue", "getmsg")}
+    mtls = [sys.executable, MTLS_CLIENT, str(world.certs / f"{SENDER}.p12"), str(relay.port)]
     try:
         # Outside the timing: each user's key made and published, byte-code written, caches filled once.
         for uid in (SENDER, RECIPIENT):
@@ -89,6 +92,7 @@ def cli(world: World, tmp: Path, rounds: int = CLI_ROUNDS) -> dict[str, Any]:
             _timed(FLOOR, env)
         for i in range(rounds):
             times["floor"].append(_timed(FLOOR, env)[0])
+            times["mtls"].append(_timed(mtls, env)[0])
             times["import"].append(_timed([sys.executable, "-c", "import client.cli"], env)[0])
             times["send"].append(_timed(client(SENDER, "send", RECIPIENT, f"round {i}"), env, b"See you at noon.")[0])
             took, listing = _timed(client(RECIPIENT, "askqueue"), env)
@@ -98,7 +102,7 @@ def cli(world: World, tmp: Path, rounds: int = CLI_ROUNDS) -> dict[str, Any]:
         relay.stop()
     floor = statistics.median(times["floor"])
     out: dict[str, Any] = {"rounds": rounds, "floor_ms": 1000 * floor, "goal_ms": CLI_GOAL_MS}
-    for name in ("import", "send", "askqueue", "getmsg"):
+    for name in ("mtls", "import", "send", "askqueue", "getmsg"):
         out[name] = _stats(times[name], floor)
     return out
 
@@ -113,9 +117,10 @@ def _newest(listing: str) -> str:
 def cli_rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
     rows = []
     for name, what in (("send", "msg-client send (1 recipient)"), ("askqueue", "msg-client askqueue (1 new message)"),
-                       ("getmsg", "msg-client getmsg"), ("import", "python -c 'import client.cli'")):
+                       ("getmsg", "msg-client getmsg"), ("import", "python -c 'import client.cli'"),
+                       ("mtls", "least one-shot mutual-TLS client (PKCS#12, handshake, one hello)")):
         v = r[name]
-        goal = f" (goal <= {r['goal_ms']:.0f} ms)" if name != "import" else ""
+        goal = f" (goal <= {r['goal_ms']:.0f} ms)" if name in ("send", "askqueue", "getmsg") else ""
         rows.append((f"{what}, median of {r['rounds']} processes", f"{v['median_ms']:.0f} ms (p90 {v['p90_ms']:.0f})"
                      f"{goal}", f"floor {r['floor_ms']:.0f} ms", f"{v['ratio_to_floor']:.2f}"))
     return rows
