@@ -14,9 +14,7 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import sys
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -139,13 +137,20 @@ def parse_server(text: str) -> tuple[str, int]:
 
 
 @contextlib.contextmanager
-def _sigint_interrupts() -> Iterator[None]:
-    """Make Ctrl-C raise KeyboardInterrupt at once during a blocking read.
+def _sigint_interrupts(on_event_loop: bool) -> Iterator[None]:
+    """Make Ctrl-C raise KeyboardInterrupt at once during a blocking read on the event loop (``watch``).
 
     Inside ``asyncio.run`` the first SIGINT only cancels the main task, which a thread blocked in
     ``read()`` never notices: the user had to press Ctrl-C twice. Python's default handler raises
-    in the reading thread instead (only the main thread may change signal handlers).
+    in the reading thread instead (only the main thread may change signal handlers). Other commands
+    run no event loop: Python's handler is in place already.
     """
+    if not on_event_loop:
+        yield
+        return
+    import signal
+    import threading
+
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -162,10 +167,9 @@ def _read_body() -> bytes:
     stream = sys.stdin.buffer if sys.stdin is not None else None
     if stream is None:
         return b""
-    with _sigint_interrupts():  # before the prompt: a Ctrl-C once it shows always stops the read
-        if sys.stdin.isatty():
-            print(TERMINAL_PROMPT, file=sys.stderr, flush=True)
-        body = stream.read(MAX_BODY + 1)
+    if sys.stdin.isatty():  # send runs no event loop: Ctrl-C stops the read at once (see _sigint_interrupts)
+        print(TERMINAL_PROMPT, file=sys.stderr, flush=True)
+    body = stream.read(MAX_BODY + 1)
     if len(body) > MAX_BODY:
         raise ClientError(f"message body longer than {MAX_BODY} bytes: nothing sent")
     return body
@@ -210,7 +214,7 @@ def _validate_command(command: str | None, args: list[str]) -> None:
 
 
 async def _run(opts: argparse.Namespace) -> int:
-    with _sigint_interrupts():  # the password prompt blocks too: the first Ctrl-C must stop it
+    with _sigint_interrupts(opts.command == "watch"):  # the password prompt blocks too: the first Ctrl-C stops it
         store = load_keystore(opts.p12, PasswordSource(file=opts.password_file))
     if store.uid is None:
         raise ClientError(f"{opts.p12}: certificate has no UID (PSEUDONYM)")
