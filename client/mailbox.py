@@ -397,7 +397,6 @@ class Mailbox:
         """Drop what this command learnt from the relay (CRLs checked, directory answers)."""
         self._policy = None
         self._directory.clear()
-        self._valid.clear()
 
     async def queue(self) -> list[QueueLine]:
         """Unread messages as ``askqueue`` shows them: the time from the relay's signed receipt, the
@@ -494,7 +493,10 @@ class Mailbox:
     def _keep_valid(self, key: tuple[str, bytes, Role], policy: TrustPolicy, cert: x509.Certificate,
                     pool: list[x509.Certificate], at: dt.datetime, entry: DirectoryResult) -> None:
         """Keep what validated_certificate just accepted, for the span its verdict stands (if it has one).
-        Bounded as the directory answers are: a relay naming thousands of certificates cannot grow it."""
+        Bounded as the directory answers are: a relay naming thousands of certificates cannot grow it; what
+        was kept under older CRLs (a watch) is never used again, so it goes first."""
+        if key not in self._valid and len(self._valid) >= DIRECTORY_CACHE:
+            self._valid = {k: v for k, v in self._valid.items() if v.policy is policy}
         if policy.verdicts is None or key not in self._valid and len(self._valid) >= DIRECTORY_CACHE:
             return
         span = policy.verdicts.span(policy, cert, pool, key[2], at)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cryptography import x509
 
+from .errors import ValidationError
 from .identity import Identity, cert_fingerprint
 
 if TYPE_CHECKING:
@@ -163,8 +164,6 @@ class Verdicts:
         if chain is None:
             return None
         if policy.crls:
-            from .errors import ValidationError
-
             try:
                 policy._check_revocation_at(chain, _END_OF_TIME)
             except ValidationError:

@@ -643,6 +643,8 @@ class QueuePage:
         return True
 
     def result(self, more: bool) -> QueueResult:
+        """The answer. Filled with texts, its ``entries`` are empty and ``wire`` holds them: the relay only
+        frames such an answer (:func:`encode_response`), it never reads its entries."""
         if self.texts:
             assert not self.entries, "a page is filled with typed entries or with texts, not both"
             return QueueResult([], more, self.ranges, QueuePage.Encoded(self.texts))

@@ -239,7 +239,9 @@ class Handlers:
             waiting, asks = list(asks), {}
             for i, rows in zip(waiting, read, strict=True):
                 _step(fills[i], rows, i, asks, out)
-        return [o for o in out if o is not None]
+        done = [o for o in out if o is not None]
+        assert len(done) == len(reqs), "every page ends: _step answers a request or asks the store again"
+        return done
 
     def _fill(self, req: QueueRequest) -> PageFill:
         """One page: entries above ``after`` (and at most ``upto``) while they fit, asked for a few rows at a time."""

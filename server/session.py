@@ -48,7 +48,7 @@ BATCH = 32
 # An event is written at once while less than this waits in the connection's write buffer; beyond it,
 # only the newest number is kept and written once the peer reads again (events coalesce).
 EVENT_BACKLOG = 4096
-# Queue pages answered together (a client pipelines a window of 32 ranges) take at most this much of the
+# Queue pages answered together (a client pipelines windows of 32 to 128 ranges) take at most this much of the
 # frame limit between them: a whole window per read of the store at 9999 bytes, one page at the largest
 # limit. A peer that stops reading midway holds this and the 64 KiB write buffer; 128 KiB (13 pages per
 # read) cost ~20% more relay CPU per 10 000-entry listing.

@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import json
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -270,6 +271,9 @@ class HostileRelay:
                     if answer is CLOSE:
                         return
                     if answer is DEAF:
+                        # A small receive buffer, kept small (no autotuning): a flood fills it, and the
+                        # client's own send buffer, within a few megabytes.
+                        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                         await self._stopping.wait()
                         return
                     writer.write(self._encode(obj, answer))

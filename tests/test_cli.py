@@ -185,7 +185,6 @@ def test_piped_body_gets_no_terminal_prompt(relay: Any, user: Any) -> None:
     assert r.code == 0 and r.err == ""
 
 
-
 def test_askqueue_into_a_pipe_closed_early_ends_quietly(relay: Any, user: Any) -> None:
     """The listing is written at the end, in one go: a reader that went away (``| head``, closed at once
     here) must still make a quiet exit 0, not a BrokenPipeError at the interpreter's exit."""
@@ -387,11 +386,31 @@ def _fresh_python(code: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_command_line_start_imports_no_event_loop_no_logging_no_pyopenssl() -> None:
-    """asyncio (with concurrent.futures) and logging cost a fifth of a one-shot command and pyOpenSSL more
-    (each is loaded only by what needs it: watch, a due log line, a path validation)."""
+    """asyncio (with concurrent.futures) and logging cost about a fifth of what a one-shot command adds to
+    the interpreter, pyOpenSSL more (each is loaded only by what needs it: watch, a due log line, a path
+    validation)."""
     done = _fresh_python("import sys, client.cli; "
                          "print(sorted({'asyncio', 'concurrent', 'logging', 'OpenSSL'} & set(sys.modules)))")
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+def test_one_shot_commands_run_without_an_event_loop_or_logging(relay: Any, user: Any) -> None:
+    """The same for whole commands, their own paths included (what they import when they run)."""
+    report = ("import sys; from client.cli import main; rc = main(sys.argv[1:]); "
+              "print(sorted({'asyncio', 'concurrent', 'logging'} & set(sys.modules)), file=sys.stderr); sys.exit(rc)")
+
+    def run(p12: Path, state: Path, *args: str, stdin: bytes = b"") -> None:
+        done = subprocess.run([sys.executable, "-c", report, "--server", relay.address, "--p12", str(p12),
+                               "--state-dir", str(state), *args], input=stdin, capture_output=True, timeout=60,
+                              cwd=ROOT)
+        assert done.returncode == 0 and done.stderr.decode().splitlines()[-1] == "[]", (args, done.stderr)
+
+    bob, bob_state = user("MSG_CLI2")
+    alice, alice_state = user("MSG_CLI1")
+    run(bob, bob_state, "askqueue")  # publishes Bob's key
+    run(alice, alice_state, "send", "MSG_CLI2", "no loop", stdin=b"body")
+    run(bob, bob_state, "askqueue")
+    run(bob, bob_state, "getmsg", "1")
 
 
 def test_the_command_line_log_drops_what_is_not_due_and_formats_what_is() -> None:

@@ -64,11 +64,29 @@ def test_wrong_arguments_are_refused_on_the_first_instance_too():
     assert lazy_cls(3).num == 3
 
 
+class _WatchedLock:
+    """``pki.frozen``'s lock, telling when a thread has to wait for it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.contended = threading.Event()
+
+    def __enter__(self) -> None:
+        if not self.lock.acquire(blocking=False):
+            self.contended.set()
+            self.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
 def test_a_thread_that_comes_while_another_makes_the_class_waits_for_the_class_complete(monkeypatch):
-    """Thread B asks for an instance while A is making the class: B must wait, then get a whole one (not
-    an instance of a class half made, nor a second making)."""
+    """Thread B asks for an instance while A is making the class: B must wait for A, then get a whole one
+    (not an instance of a class half made, nor a second making)."""
     lazy_cls, _ = _pair()
     make = pki.frozen._make
+    watched = _WatchedLock()
+    monkeypatch.setattr(pki.frozen, "_making", watched)
     other: dict[str, object] = {}
 
     def second() -> None:
@@ -81,8 +99,7 @@ def test_a_thread_that_comes_while_another_makes_the_class_waits_for_the_class_c
 
     def making(cls: type) -> None:
         b.start()
-        b.join(0.2)  # B runs meanwhile; it must still be waiting for A
-        other["waited"] = b.is_alive()
+        other["waited"] = watched.contended.wait(10)  # B is at the lock A holds
         make(cls)
 
     monkeypatch.setattr(pki.frozen, "_make", making)
@@ -112,8 +129,6 @@ def test_every_frozen_class_of_the_project_can_be_made():
     for cls in pki.frozen.CLASSES:
         cls.__new__(cls)  # makes the class (no __init__ is run)
         assert dataclasses.is_dataclass(cls), cls
-
-
 
 
 def test_threads_making_the_first_instances_at_once_all_get_theirs():

@@ -613,7 +613,6 @@ def test_a_schema_1_postgres_database_gets_the_entry_texts_of_its_unread_message
     run(go())
 
 
-
 def test_texts_missing_at_any_start_are_made_then(pg_dsn: str) -> None:
     """A row without its text (stored by a node of an older version, or left by a node stopped midway through
     the fill) gets it at the next start of any node, not only when the migration runs."""
@@ -635,6 +634,7 @@ def test_texts_missing_at_any_start_are_made_then(pg_dsn: str) -> None:
         assert stored == texts and None not in stored.values()
 
     run(go())
+
 
 def test_a_failed_migration_leaves_the_old_version(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     run(pgstore.migrate_only(pg_dsn))
