@@ -144,9 +144,8 @@ class Handlers:
 
     async def handle(self, req: Request, peer: Peer) -> Result:
         """Every operation but ``send``, which the session runs in three steps (admit_send, enqueue_send,
-        stored) so that pipelined sends share a group commit in request order."""
-        if isinstance(req, QueueRequest):
-            return await self.queue(req, peer)
+        stored) so that pipelined sends share a group commit in request order, and ``queue``, whose
+        consecutive requests it answers together (:meth:`queue_pages`)."""
         if isinstance(req, GetRequest):
             return await self.get(req, peer)
         if isinstance(req, MarkReadRequest):
@@ -216,14 +215,6 @@ class Handlers:
             raise ProtocolError(ErrorCode.DUPLICATE, "a different message was already sent with this msg_id",
                                 req.id) from None
         return SendResult(receipt)
-
-    async def queue(self, req: QueueRequest, peer: Peer) -> Result:
-        """Unread entries above ``after`` (and at most ``upto``), as many as fit one frame. The answer says
-        ``ranges``: this relay honours ``upto``."""
-        (outcome,) = await self.queue_pages([req], peer)
-        if isinstance(outcome, ProtocolError):
-            raise outcome
-        return outcome
 
     async def queue_pages(self, reqs: list[QueueRequest], peer: Peer) -> list[QueueResult | ProtocolError]:
         """The answers to several ``queue`` requests of one user (a client pipelines a window of ranges),

@@ -19,7 +19,7 @@ import pytest
 from pki.keys import generate_key, sign
 from pki.keystore import load_keystore
 from protocol import hpke
-from protocol.encoding import b64e, pack, parse_time, signing_input, unpack
+from protocol.encoding import b64e, format_time, pack, parse_time, signing_input, unpack, utc_now
 from protocol.envelope import (
     InnerMessage,
     Sealed,
@@ -164,11 +164,17 @@ def test_a_boolean_is_not_a_signing_field():
 @pytest.mark.parametrize("text", [
     "2026-01-01T00:00:001",  # no Z (and without its last character it would be a time)
     "2026-01-01T00:00:00+00:00", "2026-01-01T00:00:00." + "0" * 25 + "Z",  # over 40 characters, else a time
-    "2026-13-01T00:00:00Z", "yesterdayZ", 5])
+    "2026-13-01T00:00:00Z", "yesterdayZ", 5,
+    "2026-01-01T00:00:00+05:00Z",  # an offset, then Z: fromisoformat alone took it (and dropped the offset)
+    "2026-01-01Z", "2026-01-01 00:00:00Z", "2026-01-01X00:00:00Z", "2026-01-01T00:00Z",
+    "2026-01-01T00:00:00.1234567Z", "2026-01-01T00:00:00,5Z", "\u0662026-01-01T00:00:00Z"])
 def test_a_time_that_is_not_rfc3339_utc_is_refused(text: Any):
     with pytest.raises(ProtocolError, match="must be an RFC 3339 UTC time"):
         parse_time(text)
     assert parse_time("2026-01-01T00:00:00.5Z") == dt.datetime(2026, 1, 1, 0, 0, 0, 500000, dt.timezone.utc)
+    assert parse_time("2026-01-01T00:00:01Z") == dt.datetime(2026, 1, 1, 0, 0, 1, tzinfo=dt.timezone.utc)
+    now = utc_now()
+    assert parse_time(format_time(now)) == now
 
 
 @pytest.mark.parametrize(("data", "count", "message"), [
