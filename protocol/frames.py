@@ -27,7 +27,11 @@ MAX_DEPTH = 16
 
 def encode_frame(obj: dict[str, Any], max_size: int = MAX_FRAME) -> bytes:
     """Serialise one JSON object as a frame; raises FrameError when it would exceed ``max_size``."""
-    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return frame(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8"), max_size)
+
+
+def frame(body: bytes, max_size: int = MAX_FRAME) -> bytes:
+    """A frame of ``body`` (JSON made already); raises FrameError when it would exceed ``max_size``."""
     if len(body) > max_size:
         raise FrameError(ErrorCode.TOO_LARGE, f"frame of {len(body)} bytes exceeds the limit of {max_size}")
     return HEADER.pack(len(body)) + body

@@ -19,7 +19,7 @@ from . import PROTOCOL_VERSION
 from .encoding import b64e, format_time, parse_time
 from .errors import ErrorCode, ProtocolError
 from .fields import MAX_INT, Fields
-from .frames import HEADER, MAX_FRAME_LIMIT, MIN_FRAME_LIMIT, FrameError, encode_frame
+from .frames import MAX_FRAME_LIMIT, MIN_FRAME_LIMIT, FrameError, encode_frame, frame
 from .receipts import Receipt
 
 RequestId = Union[str, int]
@@ -334,10 +334,9 @@ class QueueResult:
     entries: list[QueueEntry]
     more: bool = False
     ranges: bool = False
-    # The entries' wire form when the relay has made it already (sizing the page): not made twice. Encoded:
-    # their JSON text, kept with each message since it was stored (only encode_response can frame that).
-    wire: list[dict[str, Any]] | QueuePage.Encoded | None = dataclasses.field(default=None, compare=False,
-                                                                               repr=False)
+    # On the relay: the entries' JSON texts, kept with each message since it was stored (a QueuePage fills
+    # them; only encode_response can frame them). None: the entries themselves are encoded.
+    wire: QueuePage.Encoded | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def to_wire(self) -> dict[str, Any]:
         messages = self.wire if self.wire is not None else [e.to_wire() for e in self.entries]
@@ -575,9 +574,9 @@ class QueuePage:
     """A ``queue`` answer being filled: entries are taken while they fit one frame of ``max_frame`` bytes,
     so the relay can read its store a few rows at a time and stop as soon as the frame is full.
 
-    The relay fills it with entries' wire texts (:meth:`add_encoded`), made once when each message was
-    stored (:meth:`encode`): a page is then sized by the texts' lengths and framed by joining them, with
-    no entry encoded again. :meth:`add` takes a typed entry (a page built without a store)."""
+    It is filled with entries' wire texts (:meth:`add_encoded`), which the relay made once when each
+    message was stored (:meth:`encode`): a page is then sized by the texts' lengths and framed by joining
+    them, with no entry encoded again."""
 
     class Encoded:
         """Entries as JSON text, which :func:`encode_response` puts in the frame as they are. Plain
@@ -599,19 +598,14 @@ class QueuePage:
             at = next(i for i, key in enumerate(keys) if response[key] is self)
             head = dumps({key: response[key] for key in keys[:at]})[:-1]  # "{...", its "}" cut
             tail = dumps({key: response[key] for key in keys[at + 1:]})[1:]  # "...}", its "{" cut
-            body = "".join((head, "," if at else "", dumps(keys[at]), ":[", ",".join(self.texts), "]",
-                            "," if len(tail) > 1 else "", tail)).encode("utf-8")
-            if len(body) > max_frame:
-                raise FrameError(ErrorCode.TOO_LARGE, f"frame of {len(body)} bytes exceeds the limit of {max_frame}")
-            return HEADER.pack(len(body)) + body
+            return frame("".join((head, "," if at else "", dumps(keys[at]), ":[", ",".join(self.texts), "]",
+                                  "," if len(tail) > 1 else "", tail)).encode("utf-8"), max_frame)
 
     # The answer of an empty page to request id 0, less that id: what a page costs beyond entries and id.
     _frame_cost: ClassVar[int] = len(json.dumps(ok_response(0, QueueResult([], True, True)))) - len("0")
 
     def __init__(self, rid: RequestId, max_frame: int, ranges: bool = False) -> None:
         self.ranges = ranges
-        self.entries: list[QueueEntry] = []
-        self.wire: list[dict[str, Any]] = []
         self.texts: list[str] = []
         self.budget = max_frame - QueuePage._frame_cost - len(json.dumps(rid)) - 16
 
@@ -620,35 +614,19 @@ class QueuePage:
         """``entry``'s wire text: ASCII (non-ASCII characters escaped), so its length is its size in a frame."""
         return json.dumps(entry.to_wire(), separators=(",", ":"))
 
-    def add(self, entry: QueueEntry) -> bool:
-        """Take ``entry`` if it fits; False (nothing taken) once the frame is full."""
-        wire = entry.to_wire()
-        if not self._take(len(json.dumps(wire, separators=(",", ":"))) + 1):
-            return False
-        self.entries.append(entry)
-        self.wire.append(wire)
-        return True
-
     def add_encoded(self, text: str) -> bool:
         """Take an entry's wire text (:meth:`encode`) if it fits; False (nothing taken) once the frame is full."""
-        if not self._take(len(text) + 1):
-            return False
-        self.texts.append(text)
-        return True
-
-    def _take(self, size: int) -> bool:
+        size = len(text) + 1
         if size > self.budget:
             return False
         self.budget -= size
+        self.texts.append(text)
         return True
 
     def result(self, more: bool) -> QueueResult:
-        """The answer. Filled with texts, its ``entries`` are empty and ``wire`` holds them: the relay only
-        frames such an answer (:func:`encode_response`), it never reads its entries."""
-        if self.texts:
-            assert not self.entries, "a page is filled with typed entries or with texts, not both"
-            return QueueResult([], more, self.ranges, QueuePage.Encoded(self.texts))
-        return QueueResult(self.entries, more, self.ranges, self.wire)
+        """The answer: its ``entries`` are empty and ``wire`` holds their texts. The relay only frames it
+        (:func:`encode_response`), it never reads the entries."""
+        return QueueResult([], more, self.ranges, QueuePage.Encoded(self.texts))
 
 
 def encode_response(response: dict[str, Any], max_frame: int) -> tuple[bytes, FrameError | None]:

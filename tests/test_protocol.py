@@ -119,17 +119,18 @@ def test_queue_page_fits_a_frame():
     receipt = Receipt("a" * 32, "ALICE", "BOB", bytes(32), now, 1, bytes(32), bytes(72))
     entries = [QueueEntry(i, "ALICE", "a" * 32, now, 1, b"x" * 1500, receipt, bytes(32)) for i in range(1, 30)]
 
-    def queue_page(entries: list[QueueEntry], rid: int, max_frame: int) -> QueueResult:
-        """As the relay fills a page: entries while they fit; ``more`` when one did not."""
+    def queue_page(entries: list[QueueEntry], rid: int, max_frame: int) -> tuple[QueuePage, QueueResult]:
+        """As the relay fills a page: entries' texts while they fit; ``more`` when one did not."""
         page = QueuePage(rid, max_frame)
-        return page.result(more=not all(page.add(e) for e in entries))
+        return page, page.result(more=not all(page.add_encoded(QueuePage.encode(e)) for e in entries))
 
-    page = queue_page(entries, 1, MAX_FRAME)
-    assert page.more and 0 < len(page.entries) < len(entries)
-    from protocol.messages import ok_response
+    page, result = queue_page(entries, 1, MAX_FRAME)
+    assert result.more and 0 < len(page.texts) < len(entries)
+    from protocol.messages import encode_response, ok_response
 
-    assert len(encode_frame(ok_response(1, page))) <= MAX_FRAME + 4
-    assert queue_page(entries[:2], 1, MAX_FRAME).more is False
+    frame, overflow = encode_response(ok_response(1, result), MAX_FRAME)
+    assert overflow is None and len(frame) <= MAX_FRAME + 4
+    assert queue_page(entries[:2], 1, MAX_FRAME)[1].more is False
 
 
 def test_signing_input_is_unambiguous():

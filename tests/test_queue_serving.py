@@ -53,11 +53,11 @@ def _entries(count: int, header: int = 1500) -> list[QueueEntry]:
 
 def _both_pages(entries: list[QueueEntry], rid: Any, max_frame: int = MAX_FRAME,
                 ranges: bool = True) -> tuple[QueueResult, QueueResult]:
-    """The same page filled with typed entries (as before) and with their stored texts (as the relay now)."""
-    typed, texts = QueuePage(rid, max_frame, ranges), QueuePage(rid, max_frame, ranges)
-    more = not all(typed.add(e) for e in entries)
-    assert more == (not all(texts.add_encoded(QueuePage.encode(e)) for e in entries))
-    return typed.result(more), texts.result(more)
+    """A page filled with the entries' stored texts (as the relay does), and the same entries as a typed
+    page (as a page was encoded before texts were kept)."""
+    page = QueuePage(rid, max_frame, ranges)
+    more = not all(page.add_encoded(QueuePage.encode(e)) for e in entries)
+    return QueueResult(entries[:len(page.texts)], more, ranges), page.result(more)
 
 
 # ------------------------------------------------------------------------------ the wire, unchanged
