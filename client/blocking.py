@@ -98,14 +98,16 @@ class BlockingRelayClient(RelayOperations):
             await self.connect()
         answers: list[Answer] = []
         out: list[bytes] = []
+        held = 0  # bytes in out
         for req, frame in zip(requests, self._frames(requests), strict=True):
             pending = Pending(len(frame))
             self._inflight.append((req, pending))
             answers.append(pending)
             out.append(frame)
-            if sum(map(len, out)) >= UNANSWERED_BYTES:
+            held += len(frame)
+            if held >= UNANSWERED_BYTES:
                 self._write(b"".join(out))
-                out = []
+                out, held = [], 0
                 # One deadline for the whole wait: bytes that are no answer (events, a frame dribbled a byte
                 # at a time) must not keep us here past the time limit.
                 deadline = self.clock() + self.timeout
