@@ -36,6 +36,7 @@ from .aliases import Aliases, split_recipients
 from .blocking import BlockingRelayClient, run_blocking
 from .errors import ClientError
 from .keys import Keyring
+from .launch import INTERRUPTED, before_terminal_input
 from .log import log
 from .mailbox import Mailbox, QueueLine, ReadMessage, Unreadable
 from .operations import RelayOperations
@@ -45,7 +46,6 @@ COMMAND_ERROR = "MSG RELAY SERVICE: command error!"
 UNKNOWN_MESSAGE = "MSG RELAY SERVICE: unknown message!"
 VERIFICATION_ERROR = "MSG RELAY SERVICE: verification error!"
 
-INTERRUPTED = "msg-client: interrupted"
 UNVERIFIABLE = "(unverifiable)"  # askqueue's subject for a line whose sender or time does not verify
 TERMINAL_PROMPT = "type the message, end with Ctrl-D"
 
@@ -79,7 +79,10 @@ options:
   --kem KEM              encryption key type for new keys: MLKEM768_X25519 (default) or X25519
   --timeout S            seconds to wait for the relay (default 30)
   --verbose, -v          details of errors and debug logging
-  --help, -h             this text"""
+  --help, -h             this text
+
+The first command starts a resident starter that runs the next ones faster (it holds no key or
+password); MSG_CLIENT_RESIDENT=off runs each command in a process of its own and starts none."""
 
 class CommandError(Exception):
     pass
@@ -168,6 +171,7 @@ def _read_body() -> bytes:
     if stream is None:
         return b""
     if sys.stdin.isatty():  # send runs no event loop: Ctrl-C stops the read at once (see _sigint_interrupts)
+        before_terminal_input()
         print(TERMINAL_PROMPT, file=sys.stderr, flush=True)
     body = stream.read(MAX_BODY + 1)
     if len(body) > MAX_BODY:
@@ -215,7 +219,7 @@ def _validate_command(command: str | None, args: list[str]) -> None:
 
 async def _run(opts: argparse.Namespace) -> int:
     with _sigint_interrupts(opts.command == "watch"):  # the password prompt blocks too: the first Ctrl-C stops it
-        store = load_keystore(opts.p12, PasswordSource(file=opts.password_file))
+        store = load_keystore(opts.p12, PasswordSource(file=opts.password_file, before_prompt=before_terminal_input))
     if store.uid is None:
         raise ClientError(f"{opts.p12}: certificate has no UID (PSEUDONYM)")
     anchors = load_certificate_file(opts.ca) if opts.ca else store.ca_certificates()
@@ -365,10 +369,11 @@ def _main(argv: Sequence[str] | None) -> int:
         print(HELP, file=sys.stderr)
         return 1
     log.for_command_line(verbose)
-    if wants_help or opts.command == "help":
-        print(HELP)
-        return 0
     try:
+        if wants_help or opts.command == "help":
+            print(HELP)
+            sys.stdout.flush()  # here, where a closed pipe is caught
+            return 0
         if opts.command == "watch":
             import asyncio
 

@@ -79,3 +79,10 @@ def frozen(cls: T) -> T:
     cls.__new__ = staticmethod(__new__)  # type: ignore[assignment]
     CLASSES.append(cls)
     return cls
+
+
+def make_all() -> None:
+    """Make every class decorated so far now, as its first instance would (the resident starter does
+    this once, so that no command it forks pays for it)."""
+    for cls in list(CLASSES):
+        cls.__new__(cls)  # type: ignore[call-overload]

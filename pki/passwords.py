@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import KeystoreError
@@ -26,6 +27,7 @@ class PasswordSource:
     file: str | None = None
     env: str = PASSWORD_ENV
     prompt: bool = True
+    before_prompt: Callable[[], None] | None = None  # called before the terminal is read (client.launch)
 
     def given(self) -> bytes | None:
         """A password supplied up front (file or environment), else None."""
@@ -43,6 +45,8 @@ class PasswordSource:
         if given is not None:
             return given
         if self.prompt and sys.stdin is not None and sys.stdin.isatty():
+            if self.before_prompt is not None:
+                self.before_prompt()
             import getpass  # only when asking: most keystores open without a password
 
             entered = getpass.getpass(f"Password for {what}: ").encode()
