@@ -371,8 +371,9 @@ def _main(argv: Sequence[str] | None) -> int:
     log.for_command_line(verbose)
     try:
         if wants_help or opts.command == "help":
-            print(HELP)
-            sys.stdout.flush()  # here, where a closed pipe is caught
+            if sys.stdout is not None:  # started with stdout closed: nowhere to show it
+                print(HELP)
+                sys.stdout.flush()  # here, where a closed pipe is caught
             return 0
         if opts.command == "watch":
             import asyncio
@@ -397,6 +398,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # what the library does not name: a full disk under stdout (> /dev/full), say
+        return _fail(f"msg-client: {exc.strerror or exc}")
 
 
 if __name__ == "__main__":

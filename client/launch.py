@@ -43,7 +43,10 @@ FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
 NAMESPACES = ("mnt", "net", "pid", "user", "ipc", "uts")
 # The resident's own environment (each child takes its launcher's whole): what decides which code the
 # interpreter imports and how it behaves (part of the identity), then where it finds its home.
-IDENTITY_PREFIXES = ("PYTHON", "CRYPTOGRAPHY_", "OPENSSL_", "SSL_CERT_", "LC_", "LANG")
+IDENTITY_PREFIXES = ("PYTHON", "CRYPTOGRAPHY_", "OPENSSL_", "SSL_CERT_", "LC_", "LANG", "LD_", "GLIBC_", "MALLOC_")
+# What else a child takes from the resident, not from its launcher: so part of the identity too.
+CONTEXT_STATUS = ("Gid:", "Groups:", "CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:", "NoNewPrivs:",
+                  "Seccomp:", "Seccomp_filters:", "Cpus_allowed_list:", "Mems_allowed_list:")
 RESIDENT_KEEPS = ("PATH", "HOME", "XDG_DATA_HOME", "TMPDIR", "VIRTUAL_ENV")
 
 # Set in a resident's child, where a command cannot read the user's terminal (see before_terminal_input).
@@ -78,7 +81,8 @@ def before_terminal_input() -> None:
     """Called before a command reads the user's terminal (a password prompt, a body typed in). A
     resident's child has no controlling terminal and is not in the terminal's job (Ctrl-Z, ``bg``),
     so there it hands the command back to the launcher, which runs it itself. Nothing has been sent
-    or shown by then: the keystore and the state directory have only been read."""
+    or shown by then: the keystore has been read and the state directory bound, which the launcher
+    does again to the same effect."""
     if IN_CHILD:
         raise TerminalNeeded
 
@@ -86,9 +90,26 @@ def before_terminal_input() -> None:
 # ------------------------------------------------------------------------------------ shared rules
 def identity(environ: Mapping[str, str] = os.environ) -> str:
     """What a resident must share with a launcher to run its commands: the interpreter, its virtualenv,
-    this code, and the environment that decides what the interpreter imports and how."""
+    this code, the environment that decides what the interpreter imports and how (``LD_PRELOAD``:
+    ``torsocks`` must not be bypassed), and the process context a child inherits from the resident."""
     kept = sorted(f"{k}={v}" for k, v in environ.items() if k.startswith(IDENTITY_PREFIXES))
-    return "\n".join([sys.executable, sys.prefix, os.path.dirname(os.path.realpath(__file__)), *kept])
+    return "\n".join([sys.executable, sys.prefix, os.path.dirname(os.path.realpath(__file__)), *kept,
+                      process_context()])
+
+
+def process_context() -> str:
+    """Resource limits, priority, groups, capabilities, seccomp and no-new-privileges, CPUs, control
+    group and root directory: ``ulimit``, ``nice``, ``taskset``, ``setpriv`` or a sandbox that shares our
+    namespaces get a resident of their own, started under the same settings."""
+    with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+        lines = [line for line in status if line.startswith(CONTEXT_STATUS)]
+    with open("/proc/self/limits", encoding="ascii", errors="replace") as limits:
+        lines.append(limits.read())
+    with open("/proc/self/cgroup", encoding="utf-8", errors="replace") as cgroup:
+        lines.append(cgroup.read())
+    root = os.stat("/")
+    lines.append(f"nice {os.getpriority(os.PRIO_PROCESS, 0)} root {root.st_dev}:{root.st_ino}")
+    return "".join(lines)
 
 
 def resident_environment() -> dict[str, str]:
@@ -194,6 +215,22 @@ def encode_request(ident: str, argv: list[str], fds: list[int]) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
 
+def read_once(argv: list[str]) -> str | None:
+    """An argument naming a terminal or another device (the child has no terminal of its own), or,
+    when the command may be handed back (stdin is a terminal), a pipe (``<(...)``: a command handed
+    back after the child read it would find it empty); None when there is none."""
+    tty = os.isatty(0)
+    for arg in argv:
+        try:
+            mode = os.stat(arg).st_mode
+        except (OSError, ValueError):
+            continue
+        kind = mode & 0o170000
+        if kind in (0o020000, 0o060000) or tty and kind in (0o010000, 0o140000):  # char, block; FIFO, socket
+            return arg
+    return None
+
+
 def inherited_fds() -> list[int]:
     """The open files this process inherited (not marked close-on-exec): a command run here has them,
     so the child gets them at the same numbers (``--p12 /dev/fd/3``, ``<(...)``)."""
@@ -213,33 +250,44 @@ def through_resident(argv: list[str]) -> int | None:
     (no resident, one that is not ours or not up to date, or a command the child handed back)."""
     if sys.stdin is None or sys.stdout is None or sys.stderr is None:
         return None  # a closed standard stream: the command runs here, as it always did
-    ident = identity()
-    try:
-        path = socket_path(private_dir(resident_dir(), create=True), ident)
-        fds = inherited_fds()
-        if len(fds) > FDS_MAX or not {0, 1, 2} <= set(fds):
-            raise Unsafe(f"{len(fds)} open files to pass on")
-    except (Unsafe, OSError) as exc:
-        _debug(argv, f"no resident starter: {exc}")
-        return None
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     cwd = -1
     try:
+        try:  # what this process has to pass on, and where: a failure here runs the command here
+            ident = identity()
+            path = socket_path(private_dir(resident_dir(), create=True), ident)
+            named = read_once(argv)
+            if named is not None:
+                raise Unsafe(f"{named} can be read only once, or only with a terminal")
+            fds = inherited_fds()
+            if len(fds) > FDS_MAX or not {0, 1, 2} <= set(fds):
+                raise Unsafe(f"{len(fds)} open files to pass on")
+            cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            request = encode_request(ident, argv, fds)
+        except (Unsafe, OSError, ValueError) as exc:
+            _debug(argv, f"no resident starter: {exc}")
+            return None
         try:
             sock.settimeout(START_WAIT_S)
             sock.connect(path)
+        except OSError as exc:  # none there (or a dead one's socket): one is started for the next command
+            _debug(argv, f"no resident starter: {exc}")
+            start_resident(path)
+            return None
+        try:
             check_peer(sock, os.getuid(), namespaces("self"))
-            cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            request = encode_request(ident, argv, fds)
             sent = sock.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, b"".join(
                 fd.to_bytes(4, sys.byteorder, signed=True) for fd in [cwd, *fds]))])
             sock.sendall(request[sent:])
             kind, pid = _read_answer(sock)
-        except (OSError, Unsafe, EOFError) as exc:
-            _debug(argv, f"no resident starter: {exc}")
-            kind, pid = DECLINED, 0
-        if kind != STARTED or pid <= 1:
+        except EOFError:  # closed unanswered: its code changed on disk, and it has left
+            _debug(argv, "no resident starter: the resident starter is out of date")
             start_resident(path)
+            return None
+        except (OSError, Unsafe) as exc:
+            _debug(argv, f"no resident starter: {exc}")
+            return None
+        if kind != STARTED or pid <= 1:
             return None
         return _go(sock, pid, argv)
     finally:
@@ -261,18 +309,17 @@ def _go(sock: _socket.socket, pid: int, argv: list[str]) -> int | None:
         kind, code = _read_answer(sock)
     except (OSError, EOFError):
         kind, code = b"", 1
+    forwarding.stop()  # the child is gone or going: its pid may be another process's soon
     if kind == EXITED:
         return code
+    if forwarding.forwarded:  # a signal came and the child did not live to answer, or left the command to
+        signum = forwarding.forwarded[-1]  # us: it is this process's too (Ctrl-C: KeyboardInterrupt)
+        os.kill(os.getpid(), signum)
+        return 128 + signum  # a signal whose default is not to end a process
     if kind in (HANDED_BACK, DECLINED):  # the child did nothing: this process runs the command
-        forwarding.stop()
         if kind == HANDED_BACK:
             _debug(argv, "the command reads the terminal: run here")
         return None
-    if forwarding.forwarded:  # it died of the signal we passed on: so does this process, as it would have
-        signum = forwarding.forwarded[-1]
-        forwarding.stop()
-        os.kill(os.getpid(), signum)
-        return 128 + signum  # a signal whose default is not to end a process
     print("msg-client: the command ended without an exit status (its process was killed)", file=sys.stderr)
     return 1
 
@@ -284,6 +331,10 @@ class _SignalForwarding:
         import signal
 
         self.signal, self.pid = signal, pid
+        try:  # the child is alive (it waits for the go-ahead): a pidfd names it and no later process
+            self.pidfd = os.pidfd_open(pid)
+        except OSError:
+            self.pidfd = -1  # a kernel before 5.3: by pid
         self.forwarded: list[int] = []
         self.previous: dict[int, object] = {}
         for name in FORWARDED_SIGNALS:
@@ -295,7 +346,10 @@ class _SignalForwarding:
 
     def _kill(self, signum: int) -> None:
         try:
-            os.kill(self.pid, signum)
+            if self.pidfd >= 0:
+                self.signal.pidfd_send_signal(self.pidfd, signum)
+            else:
+                os.kill(self.pid, signum)
         except ProcessLookupError:
             pass  # it has just ended: its exit code is on the way
 
@@ -312,9 +366,13 @@ class _SignalForwarding:
         self._kill(signal.SIGCONT)
 
     def stop(self) -> None:
-        """Our own handlers back, before this process runs the command or ends by a signal."""
+        """Our own handlers back, once the child has answered or is gone."""
         for signum, handler in self.previous.items():
             self.signal.signal(signum, handler)  # type: ignore[arg-type]
+        self.previous.clear()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
 
 
 def _read_answer(sock: _socket.socket) -> tuple[bytes, int]:
@@ -335,7 +393,10 @@ def start_resident(path: str) -> None:
     except OSError:
         return  # no process to spare: the next command tries again
     if pid:
-        os.waitpid(pid, 0)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass  # our parent set SIGCHLD to be ignored: the kernel has reaped it already
         return
     try:
         os.setsid()

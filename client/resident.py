@@ -307,7 +307,7 @@ def _stream(fd: int, encoding: str, errors: str, line_buffering: bool, write_thr
     """A standard stream as the launcher's Python made it (``-u``/PYTHONUNBUFFERED: write-through)."""
     mode = "rb" if fd == 0 else "wb"
     raw = io.open(fd, mode, buffering=0 if write_through and fd else -1, closefd=False)
-    return io.TextIOWrapper(raw, encoding, errors, line_buffering=line_buffering,  # type: ignore[arg-type]
+    return io.TextIOWrapper(raw, encoding, errors, newline="\n", line_buffering=line_buffering,  # type: ignore[arg-type]
                             write_through=write_through)
 
 

@@ -185,6 +185,18 @@ def test_piped_body_gets_no_terminal_prompt(relay: Any, user: Any) -> None:
     assert r.code == 0 and r.err == ""
 
 
+def test_help_into_a_full_disk_or_a_closed_stdout_is_no_traceback() -> None:
+    """``msg-client help > /dev/full``: one line naming the failure, exit 1; with stdout closed, nothing."""
+    env = {**os.environ, "MSG_CLIENT_RESIDENT": "off"}
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "client.cli", "help"], stdout=full, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT, env=env, timeout=60)
+    assert (done.returncode, done.stderr) == (1, "msg-client: No space left on device\n")
+    closed = subprocess.run(["sh", "-c", 'exec "$0" -m client.cli help >&-', sys.executable], capture_output=True,
+                            text=True, cwd=ROOT, env=env, timeout=60)
+    assert (closed.returncode, closed.stderr) == (0, "")
+
+
 def test_askqueue_into_a_pipe_closed_early_ends_quietly(relay: Any, user: Any) -> None:
     """The listing is written at the end, in one go: a reader that went away (``| head``, closed at once
     here) must still make a quiet exit 0, not a BrokenPipeError at the interpreter's exit."""

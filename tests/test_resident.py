@@ -9,6 +9,7 @@ a child that is killed.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -268,7 +269,7 @@ def test_the_launcher_refuses_a_resident_of_another_user(relay: Any, user: Any, 
         monkeypatch.setattr(sys, "stdout", out)
         monkeypatch.setattr(sys, "stderr", err)
         assert launch.through_resident([*_client_args(relay, bob), "--state-dir", str(bob_state), "askqueue"]) is None
-    assert started == [str(home.socket)]
+    assert started == []  # nor is another resident started beside a stranger's: the command runs here
 
 
 @pytest.fixture()
@@ -520,15 +521,20 @@ def test_a_password_prompt_is_preceded_by_the_hook(monkeypatch: pytest.MonkeyPat
 
 def test_a_killed_launcher_takes_its_command_with_it(relay: Any, user: Any, home: Home) -> None:
     """``kill -9`` of msg-client during ``watch``: the child does not run on, orphaned."""
+    alice, alice_state = user("MSG_CLI1")
     bob, bob_state = user("MSG_CLI2")
     _warm(home, relay, bob, bob_state)
+    sent = home.run(*_client_args(relay, alice), "--state-dir", str(alice_state), "send", "MSG_CLI2", "first",
+                    stdin=b"x")
+    assert sent.returncode == 0, sent.stderr
     proc = subprocess.Popen([str(MSG_CLIENT), "-v", *_client_args(relay, bob), "--state-dir", str(bob_state),
-                             "watch"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                             "watch"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env=home.env)
     try:
-        assert proc.stderr is not None
+        assert proc.stderr is not None and proc.stdout is not None
         line = proc.stderr.readline()
         assert line.startswith(RUN_BY_RESIDENT), line
+        assert proc.stdout.readline().endswith(":first\n")  # the child is past the go-ahead, watching
         proc.kill()
         proc.wait(DEADLINE_S)
     finally:
@@ -555,7 +561,23 @@ def test_the_identity_covers_what_decides_the_code(monkeypatch: pytest.MonkeyPat
     base = identity({})
     assert identity({"PYTHONPATH": "/elsewhere"}) != base
     assert identity({"CRYPTOGRAPHY_OPENSSL_NO_LEGACY": "1"}) != base
+    assert identity({"LD_PRELOAD": "/usr/lib/torsocks/libtorsocks.so"}) != base  # torsocks is not bypassed
     assert identity({"PATH": "/bin"}) == base
+
+
+def test_the_identity_covers_the_process_context_a_child_inherits() -> None:
+    """A launcher under ``nice`` or ``ulimit`` (or a sandbox's seccomp, capabilities, CPUs) would have
+    its command run with the resident's settings: it gets a resident of its own instead."""
+    probe = [sys.executable, "-c", "from client.launch import identity; print(identity({}))"]
+    plain = subprocess.run(probe, capture_output=True, text=True, cwd=ROOT, timeout=DEADLINE_S).stdout
+    assert plain == identity({}) + "\n"
+    def smaller_files() -> None:  # ulimit -f
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    for change in (lambda: os.nice(1), smaller_files):
+        other = subprocess.run(probe, capture_output=True, text=True, cwd=ROOT, timeout=DEADLINE_S,
+                               preexec_fn=change).stdout
+        assert other and other != plain
 
 
 def test_a_relative_data_home_and_a_socket_path_too_long_are_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -590,3 +612,37 @@ def test_a_resident_started_for_another_identity_leaves_at_once(home: Home) -> N
     done = subprocess.run([sys.executable, "-P", "-m", "client.resident", str(home.dir / "0badc0de.sock")],
                           cwd=ROOT, env=home.env, capture_output=True, timeout=DEADLINE_S)
     assert done.returncode == 1 and not (home.dir / "0badc0de.lock").exists()
+
+
+def test_files_that_can_be_read_once_keep_the_command_here(relay: Any, user: Any, home: Home,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device named on the command line (``--password-file /dev/tty``: the child has no terminal), or a
+    pipe when the command may be handed back (stdin a terminal: a rerun would find the pipe empty)."""
+    read_end, write_end = os.pipe()
+    try:
+        pipe = f"/dev/fd/{read_end}"
+        monkeypatch.setattr(os, "isatty", lambda fd: False)
+        assert launch.read_once(["askqueue", pipe, str(ROOT / "README.md"), "--p12"]) is None
+        assert launch.read_once(["--crl", "/dev/null"]) == "/dev/null"
+        monkeypatch.setattr(os, "isatty", lambda fd: True)
+        assert launch.read_once(["--p12", pipe]) == pipe
+    finally:
+        os.close(read_end), os.close(write_end)
+    monkeypatch.undo()
+    bob, bob_state = user("MSG_CLI2")
+    _warm(home, relay, bob, bob_state)
+    done = home.run("-v", *_client_args(relay, bob), "--state-dir", str(bob_state), "--password-file", "/dev/null",
+                    "askqueue")
+    assert "msg-client: no resident starter: /dev/null can be read only once, or only with a terminal" in done.stderr
+    assert RUN_BY_RESIDENT not in done.stderr
+
+
+def test_a_parent_that_ignores_sigchld_still_gets_its_command_run(relay: Any, user: Any, home: Home) -> None:
+    """The first command starts a resident and waits for the short-lived process between: with SIGCHLD
+    ignored the kernel has reaped it already, which is no reason for a traceback."""
+    bob, bob_state = user("MSG_CLI2")
+    done = subprocess.run([str(MSG_CLIENT), *_client_args(relay, bob), "--state-dir", str(bob_state), "askqueue"],
+                          capture_output=True, text=True, cwd=ROOT, env=home.env, timeout=DEADLINE_S,
+                          preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN))
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    home.wait_for_resident()
