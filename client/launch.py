@@ -258,10 +258,10 @@ def through_resident(argv: list[str]) -> int | None:
             path = socket_path(private_dir(resident_dir(), create=True), ident)
             named = read_once(argv)
             if named is not None:
-                raise Unsafe(f"{named} can be read only once, or only with a terminal")
+                raise ValueError(f"{named} can be read only once, or only with a terminal")
             fds = inherited_fds()
             if len(fds) > FDS_MAX or not {0, 1, 2} <= set(fds):
-                raise Unsafe(f"{len(fds)} open files to pass on")
+                raise ValueError(f"{len(fds)} open files to pass on")
             cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             request = encode_request(ident, argv, fds)
         except (Unsafe, OSError, ValueError) as exc:
