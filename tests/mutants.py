@@ -833,8 +833,8 @@ CATALOG: list[Mutant] = [
       'frozen.py:frozen - a class defining a method @frozen would replace',
       'tests/test_frozen.py::test_a_class_that_defines_what_frozen_makes_is_refused'),
     M('C-pipe-flush', 'client/cli.py',
-      'sys.stdout.flush()  # here, where a closed pipe is caught',
-      'pass  # here, where a closed pipe is caught',
+      'sys.stdout.flush()  # here, where a closed pipe is caught, not',
+      'pass  # here, where a closed pipe is caught, not',
       'cli.py:_run - a listing to a closed pipe (a BrokenPipeError at exit, exit code 120)',
       'tests/test_cli.py::test_askqueue_into_a_pipe_closed_early_ends_quietly'),
     # --------------------------------- client/launch.py, resident.py: the resident starter
