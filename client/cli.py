@@ -36,7 +36,7 @@ from .aliases import Aliases, split_recipients
 from .blocking import BlockingRelayClient, run_blocking
 from .errors import ClientError
 from .keys import Keyring
-from .launch import INTERRUPTED, before_terminal_input
+from .launch import INTERRUPTED, before_terminal_input, wants_verbose
 from .log import log
 from .mailbox import Mailbox, QueueLine, ReadMessage, Unreadable
 from .operations import RelayOperations
@@ -83,6 +83,7 @@ options:
 
 The first command starts a resident starter that runs the next ones faster (it holds no key or
 password); MSG_CLIENT_RESIDENT=off runs each command in a process of its own and starts none."""
+
 
 class CommandError(Exception):
     pass
@@ -356,7 +357,7 @@ def _keys(keyring: Keyring, action: str, file: str) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    verbose = "-v" in argv or "--verbose" in argv
+    verbose = wants_verbose(argv)
     try:
         opts = build_parser().parse_args(argv)
         # `msg-client -h`, `msg-client getmsg --help`: help, not an error.

@@ -28,7 +28,7 @@ import _socket
 import binascii
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 RESIDENT_ENV = "MSG_CLIENT_RESIDENT"
 INTERRUPTED = "msg-client: interrupted"  # Ctrl-C, here or in the child (client.cli prints it too)
@@ -413,6 +413,11 @@ def start_resident(path: str) -> None:
         os._exit(127)
 
 
+def wants_verbose(argv: Sequence[str]) -> bool:
+    """``-v``/``--verbose`` anywhere in the arguments (client.cli decides the same way)."""
+    return "-v" in argv or "--verbose" in argv
+
+
 def _debug(argv: list[str], line: str) -> None:
-    if "-v" in argv or "--verbose" in argv:
+    if wants_verbose(argv):
         print(f"msg-client: {line}", file=sys.stderr)

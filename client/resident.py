@@ -36,7 +36,6 @@ LOCK_WAIT_S = 1.0  # a resident being replaced (its code changed) has this long 
 REQUEST_WAIT_S = 10.0  # for the launcher's request and for its go-ahead
 PACKAGES = ("client", "pki", "protocol")  # imported whole: what any msg-client command may need
 ALSO = ("asyncio", "getpass", "logging", "OpenSSL.crypto")  # imported later by some commands
-_KEPT: list[object] = []  # the resident's own standard streams: never collected, so never closing 0-2
 
 
 class Request:
@@ -118,9 +117,9 @@ class Resident:
     ``clock`` and ``fork`` are injectable, so a test drives the loop without waiting or forking.
     """
 
-    def __init__(self, path: str, ident: str, stamp: CodeStamp, *, uid: int | None = None,
+    def __init__(self, path: str, ident: str, stamp: CodeStamp, *, lock_fd: int = -1, uid: int | None = None,
                  clock: Callable[[], float] = time.monotonic, fork: Callable[[], int] = os.fork) -> None:
-        self.path, self.ident, self.stamp = path, ident, stamp
+        self.path, self.ident, self.stamp, self.lock_fd = path, ident, stamp, lock_fd
         self.uid = os.getuid() if uid is None else uid
         self.clock, self.fork = clock, fork
         self.namespaces = launch.namespaces("self")
@@ -132,7 +131,6 @@ class Resident:
         self.listener.listen(64)
         os.replace(temporary, path)  # appears whole, and only once the imports are done
         self.inode = os.stat(path).st_ino
-        self.lock_fd = -1
         self.last = clock()
 
     def still_ours(self) -> bool:
@@ -145,7 +143,6 @@ class Resident:
         """Until idle for IDLE_S, the socket is no longer ours, or the code on disk has changed."""
         while self.serve_one():
             pass
-        self.close()
 
     def serve_one(self) -> bool:
         """Wait for one command (at most CHECK_S) and fork its child; False when it is time to leave."""
@@ -249,11 +246,7 @@ def _interrupted() -> int:
 
 
 def _receive(conn: socket.socket) -> tuple[Request, list[int]]:
-    data, ancillary, _flags, _ = conn.recvmsg(65536, socket.CMSG_SPACE(4 * (launch.FDS_MAX + 1)))
-    fds: list[int] = []
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds += [int.from_bytes(payload[i:i + 4], sys.byteorder, signed=True) for i in range(0, len(payload) - 3, 4)]
+    data, fds, _flags, _ = socket.recv_fds(conn, 65536, launch.FDS_MAX + 1)
     if len(data) < 4:
         raise ValueError("a request cut short")
     size = int.from_bytes(data[:4], "big")
@@ -279,13 +272,12 @@ def _become(request: Request, received: list[int], conn: socket.socket) -> socke
     moved.settimeout(conn.gettimeout())  # the copy shares the file's non-blocking mode, not the object's timeout
     conn.close()
     sources = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor) for fd in received]
-    _KEPT.extend((sys.stdin, sys.stdout, sys.stderr))
     keep = {moved.fileno(), *sources}
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd not in keep:
-            try:
-                os.close(fd)  # the resident's own (its /dev/null streams), and the received copies
+            try:  # the resident's own /dev/null streams (their objects live on in sys.__stdin__ and the
+                os.close(fd)  # others, so they never close 0-2 again), and the received copies
             except OSError:
                 pass  # the listing's own descriptor, closed already
     cwd, *files = sources
@@ -378,11 +370,7 @@ def main(argv: list[str]) -> int:
         return 0  # another resident is up or starting
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    stamp = warm_up()
-    if os.path.lexists(path):
-        os.unlink(path)  # a resident that died without cleaning up; the lock says none is running
-    resident = Resident(path, ident, stamp)
-    resident.lock_fd = lock_fd
+    resident = Resident(path, ident, warm_up(), lock_fd=lock_fd)  # replaces a dead resident's socket
     try:
         resident.serve()
     finally:
