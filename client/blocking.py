@@ -128,10 +128,8 @@ class BlockingRelayClient(RelayOperations):
         try:
             self._sock.settimeout(self.timeout)
             self._sock.sendall(data)
-        except TimeoutError:
-            self._fail_all(ConnectionLost("the relay did not take our requests in time"))
-        except OSError as exc:
-            self._fail_all(self._read_failure(exc))
+        except OSError as exc:  # a timeout among them
+            self._fail_all(self._write_failure(exc))
 
     async def _wait(self, answer: Answer) -> dict[str, Any]:
         assert isinstance(answer, Pending)

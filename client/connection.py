@@ -116,10 +116,8 @@ class RelayClient(RelayOperations):
                 self._writer.write(frame)
             try:
                 await asyncio.wait_for(self._writer.drain(), self.timeout)
-            except asyncio.TimeoutError:
-                self._fail_all(ConnectionLost("the relay did not take our requests in time"))
-            except OSError as exc:
-                self._fail_all(self._read_failure(exc))
+            except OSError as exc:  # asyncio.TimeoutError is TimeoutError since 3.11
+                self._fail_all(self._write_failure(exc))
         return futures
 
     async def _wait(self, answer: Answer) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def rejection(exc: ssl.SSLError) -> ServerRejected | None:
     return None
 
 
-def handshake_failure(exc: Exception, host: str, port: int) -> ClientError:
+def handshake_failure(exc: OSError, host: str, port: int) -> ClientError:
     """The one line for a connection attempt that failed before the relay could answer anything."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return ClientError(f"server certificate rejected: {exc.verify_message}")
@@ -62,6 +62,4 @@ def handshake_failure(exc: Exception, host: str, port: int) -> ClientError:
         return rejection(exc) or ClientError(f"TLS handshake with {host}:{port} failed ({exc.reason or exc})")
     if isinstance(exc, TimeoutError):
         return ConnectionLost(f"relay at {host}:{port} did not answer in time")
-    if isinstance(exc, OSError):
-        return ConnectionLost(f"cannot reach the relay at {host}:{port} ({exc.strerror or exc})")
-    raise exc
+    return ConnectionLost(f"cannot reach the relay at {host}:{port} ({exc.strerror or exc})")

@@ -168,7 +168,7 @@ class Mailbox:
             policy.validate(cert, self.client.keystore.intermediates(), role="server")
         except ValidationError as exc:
             raise ClientError(f"the relay's certificate is not valid: {exc}") from None
-        self.state.save_verdicts()
+        self.state.save_caches()
 
     async def ensure_published(self) -> OwnKey:
         """Make our encryption key on first use, and publish it whenever the relay lacks it.
@@ -272,7 +272,9 @@ class Mailbox:
         (outcome,) = await self._submit([Copy(to, msg_id, record)], [sealed])
         if isinstance(outcome, RemoteError):
             raise outcome
-        return await self._accept_receipt(outcome, to, msg_id, sealed)
+        receipt = await self._accept_receipt(outcome, to, msg_id, sealed)
+        self.state.save_caches()
+        return receipt
 
     async def _accept_receipt(self, receipt: Receipt, to: str, msg_id: str, sealed: Sealed) -> Receipt:
         """A send's receipt, once it is the relay's and names what we sent: kept for ``receipts``."""
@@ -311,6 +313,7 @@ class Mailbox:
                 refused.append(f"{c.uid} ({outcome.message})")
             else:
                 receipts.append(await self._accept_receipt(outcome, c.uid, c.msg_id, s))
+        self.state.save_caches()
         if refused:
             stored = ", ".join(r.recipient for r in receipts) or "no one"
             raise PartlySent(f"the relay refused the copy for {'; '.join(refused)}; sent to {stored}")
@@ -383,6 +386,7 @@ class Mailbox:
                     on_message: Callable[[ReadMessage | Unreadable], None], open_messages: bool) -> None:
         if not open_messages:
             on_line(await self._queue_line(entry))
+            self.state.save_caches()
             return
         try:
             on_message(await self.read(entry.num))
@@ -406,7 +410,7 @@ class Mailbox:
         opened and its signature); what may change is checked on every line."""
         lines = [await self._queue_line(e) for e in await self.client.queue()]
         self.state.subjects().save()
-        self.state.save_verdicts()
+        self.state.save_caches()
         return lines
 
     async def _queue_line(self, e: QueueEntry) -> QueueLine:
@@ -485,7 +489,6 @@ class Mailbox:
             raise VerificationError("directory returned another certificate than the one asked for")
         if fingerprint is not None and kept is None:
             self.state.remember_chain(uid, fingerprint, entry.chain)
-        self.state.save_verdicts()
         if fingerprint is not None:
             self._keep_valid((uid, fingerprint, role), policy, certs[0], pool, at, entry)
         return certs[0], entry
@@ -524,4 +527,5 @@ class Mailbox:
         if not msg.read:
             # Only now: a message that fails any check above stays unread in the queue.
             await self.client.mark_read(num)
+        self.state.save_caches()
         return ReadMessage(msg.num, opened.inner, receipt)

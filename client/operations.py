@@ -184,6 +184,7 @@ class RelayOperations(abc.ABC):
 
     async def _connect_one(self) -> None:
         """The current node, its certificate checked (the connection closed if it does not do), hello said."""
+        self._decoder.max_size = self.max_frame = self._default_max_frame  # a new node: its hello says anew
         cert = await self._open()
         try:
             self._check_server(cert)
@@ -194,7 +195,6 @@ class RelayOperations(abc.ABC):
 
     def _check_server(self, cert: x509.Certificate | None) -> None:
         """The relay's certificate after the handshake: the MSG_SERVER profile (OpenSSL checked the chain)."""
-        self._decoder.max_size = self.max_frame = self._default_max_frame
         try:
             if cert is None:
                 raise ValidationError("no_certificate", "the relay sent no certificate")
@@ -222,6 +222,12 @@ class RelayOperations(abc.ABC):
         if isinstance(exc, ssl.SSLError):
             return rejection(exc) or self._lost(f"TLS error: {exc.reason or exc}")
         return self._lost(exc.strerror or str(exc))
+
+    def _write_failure(self, exc: OSError) -> ClientError:
+        """The one line for requests the relay did not take: in time, or at all."""
+        if isinstance(exc, TimeoutError):
+            return ConnectionLost("the relay did not take our requests in time")
+        return self._read_failure(exc)
 
     def _fail_all(self, exc: ClientError) -> None:
         self._broken = self._broken or exc

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pki.errors import MsgRelayError, PkiError
 from pki.files import read_bytes, write_atomic
+from pki.identity import cert_fingerprint
 from protocol.fields import Fields
 from protocol.receipts import Receipt
 
@@ -80,6 +81,7 @@ class ClientState:
         self._cache_key: bytes | None = None
         self._subjects: SubjectFacts | None = None
         self._chains: dict[str, list[str]] | None = None
+        self._chains_changed = False
 
     def _load(self, name: str, default: Any) -> Any:
         path = self.dir / name
@@ -196,11 +198,15 @@ class ClientState:
             self._verdicts = Verdicts(self._load_cache(_VERDICTS, {}))
         return self._verdicts
 
-    def save_verdicts(self) -> None:
-        """Write the verdicts if this command added any."""
+    def save_caches(self) -> None:
+        """Write the verdicts and chains this command added, if any: once per operation (a listing of
+        many senders, a send), not once per certificate validated."""
         if self._verdicts is not None and self._verdicts.changed:
             self._save_cache(_VERDICTS, self._verdicts.to_doc())
             self._verdicts.changed = False
+        if self._chains is not None and self._chains_changed:
+            self._save_cache(_CHAINS, self._chains)
+            self._chains_changed = False
 
     def known_chain(self, uid: str, fingerprint: bytes) -> list[bytes] | None:
         """The certificate chain (DER, leaf first) the directory gave for ``uid``'s certificate with this
@@ -215,7 +221,7 @@ class ClientState:
             chain = [base64.b64decode(c, validate=True) for c in held]
         except (TypeError, ValueError):
             return None
-        return chain if hashlib.sha256(chain[0]).digest() == fingerprint else None
+        return chain if cert_fingerprint(chain[0]) == fingerprint else None
 
     def remember_chain(self, uid: str, fingerprint: bytes, chain: list[bytes]) -> None:
         if self._chains is None:
@@ -226,7 +232,7 @@ class ClientState:
         self._chains[key] = [base64.b64encode(c).decode() for c in chain]
         while len(self._chains) > CHAINS_KEPT:
             self._chains.pop(next(iter(self._chains)))
-        self._save_cache(_CHAINS, self._chains)
+        self._chains_changed = True  # written by save_caches
 
     def published_fresh(self, relay: str, cert: bytes, record: bytes, signature: bytes,
                         now: dt.datetime | None = None) -> bool:

@@ -203,8 +203,10 @@ def test_a_kept_chain_must_be_the_certificate_it_is_kept_for(tmp_path, ca):
     state = keyed_state(tmp_path / "st", bob)
     fingerprint = cert_fingerprint(alice.cert)
     state.remember_chain("ALICE", fingerprint, [bob.cert.public_bytes(Encoding.DER)])  # a tampered file, say
+    state.save_caches()
     assert keyed_state(tmp_path / "st", bob).known_chain("ALICE", fingerprint) is None
     state.remember_chain("CAROL", fingerprint, [alice.cert.public_bytes(Encoding.DER)])
+    state.save_caches()
     assert keyed_state(tmp_path / "st", bob).known_chain("CAROL", fingerprint) == [alice.cert.public_bytes(Encoding.DER)]
 
 
@@ -214,7 +216,9 @@ def test_a_cache_file_the_keystore_did_not_write_is_not_believed(tmp_path, ca):
     alice, bob = load_keystore(tmp_path / "ALICE.p12"), load_keystore(tmp_path / "BOB.p12")
     chain = [alice.cert.public_bytes(Encoding.DER)]
     fingerprint = cert_fingerprint(alice.cert)
-    keyed_state(tmp_path / "st", bob).remember_chain("ALICE", fingerprint, chain)
+    writer = keyed_state(tmp_path / "st", bob)
+    writer.remember_chain("ALICE", fingerprint, chain)
+    writer.save_caches()
     assert keyed_state(tmp_path / "st", bob).known_chain("ALICE", fingerprint) == chain
     assert keyed_state(tmp_path / "st", alice).known_chain("ALICE", fingerprint) is None  # another key
     assert ClientState(tmp_path / "st").known_chain("ALICE", fingerprint) is None  # no key: no cache at all
