@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import json
 from typing import Any, ClassVar, Union
 
@@ -570,6 +571,13 @@ def parse_response(obj: dict[str, Any], op: str) -> Result:
     raise RemoteError(err.str("code", 64), err.str("message", 1024))
 
 
+@functools.cache
+def _page_frame_cost() -> int:
+    """The answer of an empty page to request id 0, less that id: what a page costs beyond entries and id
+    (worked out at the first page, not at import: making QueueResult then would undo @frozen's saving)."""
+    return len(json.dumps(ok_response(0, QueueResult([], True, True)))) - len("0")
+
+
 class QueuePage:
     """A ``queue`` answer being filled: entries are taken while they fit one frame of ``max_frame`` bytes,
     so the relay can read its store a few rows at a time and stop as soon as the frame is full.
@@ -601,13 +609,10 @@ class QueuePage:
             return frame("".join((head, "," if at else "", dumps(keys[at]), ":[", ",".join(self.texts), "]",
                                   "," if len(tail) > 1 else "", tail)).encode("utf-8"), max_frame)
 
-    # The answer of an empty page to request id 0, less that id: what a page costs beyond entries and id.
-    _frame_cost: ClassVar[int] = len(json.dumps(ok_response(0, QueueResult([], True, True)))) - len("0")
-
     def __init__(self, rid: RequestId, max_frame: int, ranges: bool = False) -> None:
         self.ranges = ranges
         self.texts: list[str] = []
-        self.budget = max_frame - QueuePage._frame_cost - len(json.dumps(rid)) - 16
+        self.budget = max_frame - _page_frame_cost() - len(json.dumps(rid)) - 16
 
     @staticmethod
     def encode(entry: QueueEntry) -> str:

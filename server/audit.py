@@ -19,7 +19,6 @@ import threading
 import time
 from typing import IO, Any
 
-AUDIT_LOGGER = "msg_relay.audit"
 log = logging.getLogger("msg_relay.server")
 
 # Built once: json.dumps with non-default arguments builds an encoder per call.

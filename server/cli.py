@@ -82,8 +82,8 @@ def _refusal(args: argparse.Namespace) -> str | None:
     """The one line that says why these options cannot run, checked before anything is opened."""
     if not 0 <= args.port <= 65535:
         return f"--port must be 0-65535, not {args.port}"
-    connections = ServerConfig.max_connections if args.max_connections is None else args.max_connections
-    if min(connections, args.max_handshakes, args.max_per_user) < 1:
+    if args.max_connections is not None and args.max_connections < 1 or min(args.max_handshakes,
+                                                                           args.max_per_user) < 1:
         return "--max-connections, --max-handshakes and --max-per-user must be at least 1"
     if min(args.max_sends_per_minute, args.max_unread, args.max_unread_bytes) < 1:
         return "--max-sends-per-minute, --max-unread and --max-unread-bytes must be at least 1"

@@ -31,11 +31,10 @@ class ConnectionLimitError(MsgRelayError):
 @dataclass(frozen=True)
 class Capacity:
     """What the relay may hold: ``connections`` at once, ``open_files`` being its soft limit (raised to
-    ``hard``, unless the system refused); ``lowered`` says why fewer than configured, or is None."""
+    the hard limit, unless the system refused); ``lowered`` says why fewer than configured, or is None."""
 
     connections: int
     open_files: int
-    hard: int
     lowered: str | None = None
 
 
@@ -61,12 +60,12 @@ def connection_capacity(wanted: int, strict: bool) -> Capacity:
     operator gave ``--max-connections``), or when not even one connection fits."""
     soft, hard = raise_open_file_limit()
     if soft == resource.RLIM_INFINITY or wanted + FD_RESERVE <= soft:
-        return Capacity(wanted, soft, hard)
+        return Capacity(wanted, soft)
     fits = soft - FD_RESERVE
     shortfall = (f"{wanted} connections need {wanted + FD_RESERVE} open files ({FD_RESERVE} for the relay's own), "
                  f"but this process may open {soft} (hard limit {'unlimited' if hard == resource.RLIM_INFINITY else hard})")
     if strict or fits < 1:
         raise ConnectionLimitError(f"--max-connections: {shortfall}: raise the hard limit (ulimit -Hn, "
                                    "LimitNOFILE= in a systemd unit) or give a lower --max-connections")
-    return Capacity(fits, soft, hard, lowered=f"holding at most {fits} connections: {shortfall} "
-                                               "(raise the hard limit, or give --max-connections)")
+    return Capacity(fits, soft, lowered=f"holding at most {fits} connections: {shortfall} "
+                                        "(raise the hard limit, or give --max-connections)")

@@ -1300,7 +1300,7 @@ CATALOG: list[Mutant] = [
       'state.py:ClientState.published_fresh - the fact of another record, certificate or relay',
       CK + "test_the_fact_is_about_one_record_certificate_and_relay"),
     M('SS-chain-fp', 'client/state.py',
-      'return chain if hashlib.sha256(chain[0]).digest() == fingerprint else None',
+      'return chain if cert_fingerprint(chain[0]) == fingerprint else None',
       'return chain',
       'state.py:ClientState.known_chain - a kept chain that is not the certificate it is kept for',
       CK + "test_a_kept_chain_must_be_the_certificate_it_is_kept_for"),
